@@ -1,0 +1,1 @@
+"""Model families: `ernie` (ERNIE 4.5 text, dense and MoE)."""

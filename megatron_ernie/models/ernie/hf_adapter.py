@@ -1,0 +1,355 @@
+"""ERNIE 4.5 text weights: Hugging Face names ⇄ Megatron-Core names, and sharding to a rank.
+
+Two steps, kept apart so that each can be read (and streamed) on its own:
+1. `KEY_MAP`: HF tensors ⇄ one *canonical* Megatron tensor (full, unsharded: TP=PP=EP=1 names,
+   global layer and expert numbers).
+2. `shard_for_rank`: canonical tensor -> the slice this rank holds (TP/ETP split, PP layer
+   offset, EP expert offset), from the attributes Megatron puts on each parameter.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from megatron_ernie.models.ernie.args import ErnieArgs
+
+# --- 1. the key map --------------------------------------------------------------------------
+# kind: copy  = same tensor
+#       qkv   = HF q/k/v -> Megatron's per-query-group [q-heads of group, k, v] interleave (GQA)
+#       glu   = HF gate/up -> Megatron linear_fc1 = cat(gate, up)
+#       bias  = HF e_score_correction_bias [1, E] -> [E]
+L = "decoder.layers.{i}."
+H = "model.layers.{i}."
+KEY_MAP: list[tuple[str, tuple[str, ...], str]] = [
+    # Megatron (canonical)                             HF                                           kind
+    ("embedding.word_embeddings.weight",               ("model.embed_tokens.weight",),              "copy"),
+    ("output_layer.weight",                            ("lm_head.weight",),                         "copy"),
+    ("decoder.final_layernorm.weight",                 ("model.norm.weight",),                      "copy"),
+    (L + "input_layernorm.weight",                     (H + "input_layernorm.weight",),             "copy"),
+    (L + "self_attention.linear_qkv.weight",           (H + "self_attn.q_proj.weight",
+                                                        H + "self_attn.k_proj.weight",
+                                                        H + "self_attn.v_proj.weight"),             "qkv"),
+    (L + "self_attention.linear_proj.weight",          (H + "self_attn.o_proj.weight",),            "copy"),
+    (L + "pre_mlp_layernorm.weight",                   (H + "post_attention_layernorm.weight",),    "copy"),
+    (L + "mlp.linear_fc1.weight",                      (H + "mlp.gate_proj.weight",
+                                                        H + "mlp.up_proj.weight"),                  "glu"),
+    (L + "mlp.linear_fc2.weight",                      (H + "mlp.down_proj.weight",),               "copy"),
+    (L + "mlp.router.weight",                          (H + "mlp.gate.weight",),                    "copy"),
+    (L + "mlp.router.e_score_correction_bias",         (H + "mlp.moe_statics.e_score_correction_bias",), "bias"),
+    (L + "mlp.shared_experts.linear_fc1.weight",       (H + "mlp.shared_experts.gate_proj.weight",
+                                                        H + "mlp.shared_experts.up_proj.weight"),   "glu"),
+    (L + "mlp.shared_experts.linear_fc2.weight",       (H + "mlp.shared_experts.down_proj.weight",),"copy"),
+    (L + "mlp.experts.local_experts.{e}.linear_fc1.weight", (H + "mlp.experts.{e}.gate_proj.weight",
+                                                        H + "mlp.experts.{e}.up_proj.weight"),      "glu"),
+    (L + "mlp.experts.local_experts.{e}.linear_fc2.weight", (H + "mlp.experts.{e}.down_proj.weight",), "copy"),
+]
+# HF tensors the text model does not use (the 300B's multi-token-prediction layer).
+HF_IGNORED_PREFIXES = ("mtp", "model.mtp")
+
+
+class WeightError(KeyError):
+    """A missing, unknown or mis-shaped tensor, named."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def _to_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+
+
+_RULES = [(_to_regex(m), m, hf, kind) for m, hf, kind in KEY_MAP]
+
+
+def _match(name: str):
+    for regex, mpat, hf, kind in _RULES:
+        m = regex.match(name)
+        if m:
+            return m.groupdict(), mpat, hf, kind
+    return None
+
+
+def canonical_to_hf_names(name: str) -> tuple[tuple[str, ...], str]:
+    found = _match(name)
+    if found is None:
+        raise WeightError(f"no HF mapping for Megatron tensor {name!r}")
+    groups, _, hf, kind = found
+    return tuple(h.format(**groups) for h in hf), kind
+
+
+def _fuse_qkv(q, k, v, args: ErnieArgs) -> torch.Tensor:
+    g, d = args.num_key_value_heads, args.head_dim
+    h = q.shape[-1]
+    q = q.reshape(g, -1, h)
+    return torch.cat([q, k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
+
+
+def _split_qkv(qkv, args: ErnieArgs):
+    g, d = args.num_key_value_heads, args.head_dim
+    per_group = args.num_attention_heads // g * d
+    x = qkv.reshape(g, per_group + 2 * d, -1)
+    q, k, v = torch.split(x, [per_group, d, d], dim=1)
+    h = qkv.shape[-1]
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+def canonical_from_hf(name: str, get: Callable[[str], torch.Tensor], args: ErnieArgs) -> torch.Tensor:
+    """The full Megatron tensor `name`, built from HF tensors fetched with `get`."""
+    hf_names, kind = canonical_to_hf_names(name)
+    if name == "output_layer.weight" and args.tie_word_embeddings:
+        hf_names = ("model.embed_tokens.weight",)
+    parts = [get(n) for n in hf_names]
+    if kind == "qkv":
+        return _fuse_qkv(*parts, args)
+    if kind == "glu":
+        return torch.cat(parts, dim=0)
+    if kind == "bias":
+        return parts[0].reshape(-1)
+    return parts[0]
+
+
+def hf_from_canonical(name: str, tensor: torch.Tensor, args: ErnieArgs) -> dict[str, torch.Tensor]:
+    """Inverse of `canonical_from_hf`: HF tensors for one full Megatron tensor."""
+    hf_names, kind = canonical_to_hf_names(name)
+    if kind == "qkv":
+        parts = _split_qkv(tensor, args)
+    elif kind == "glu":
+        parts = torch.chunk(tensor, 2, dim=0)
+    elif kind == "bias":
+        parts = (tensor.reshape(1, -1),)
+    else:
+        parts = (tensor,)
+    return {n: p.contiguous() for n, p in zip(hf_names, parts)}
+
+
+def canonical_names(args: ErnieArgs) -> list[str]:
+    """Every canonical Megatron tensor of a model (the order HF checkpoints list them)."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(args.num_layers):
+        p = f"decoder.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight",
+                  p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight"]
+        if args.is_moe_layer(i):
+            names += [p + "mlp.router.weight", p + "mlp.router.e_score_correction_bias"]
+            if args.moe_num_shared_experts:
+                names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight"]
+            for e in range(args.num_experts):
+                names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
+        else:
+            names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    names.append("decoder.final_layernorm.weight")
+    if not args.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def expected_hf_names(args: ErnieArgs) -> set[str]:
+    out = set()
+    for name in canonical_names(args):
+        out.update(canonical_to_hf_names(name)[0])
+    return out
+
+
+# --- HF checkpoint access ---------------------------------------------------------------------
+class HFWeights:
+    """Lazy access to an HF checkpoint: a directory of safetensors (sharded or not) or an
+    in-memory state dict (transformers' fused `experts.gate_up_proj` layout is unfused here)."""
+
+    def __init__(self, source: str | Path | Mapping[str, torch.Tensor]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._files: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        if isinstance(source, Mapping):
+            self.source = "<state dict>"
+            self._tensors = _unfuse_experts(dict(source))
+        else:
+            self._index_directory(Path(source))
+
+    def _index_directory(self, root: Path) -> None:
+        self.source = str(root)
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {k: root / f for k, f in weight_map.items()}
+        elif (root / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            path = root / "model.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                self._files = {k: path for k in f.keys()}
+        else:
+            raise WeightError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors or self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._tensors:
+            if name not in self._tensors:
+                raise WeightError(f"{self.source}: tensor {name!r} is missing")
+            return self._tensors[name]
+        if name not in self._files:
+            raise WeightError(f"{self.source}: tensor {name!r} is missing")
+        path = self._files[name]
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            if not path.exists():
+                raise WeightError(f"{path}: shard listed in the index is missing (needed for {name!r})")
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+
+def _unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers>=5 keeps experts as [E, 2I, H] / [E, H, I] and the bias under `mlp.gate.`
+    in memory; checkpoints on disk (what we map) do not."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("mlp.gate.moe_statics.", "mlp.moe_statics.")
+        if k.endswith("mlp.experts.gate_up_proj"):
+            base = k[: -len("gate_up_proj")]
+            for e, w in enumerate(v):
+                gate, up = torch.chunk(w, 2, dim=0)
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
+        elif k.endswith("mlp.experts.down_proj"):
+            base = k[: -len("down_proj")]
+            for e, w in enumerate(v):
+                out[f"{base}{e}.down_proj.weight"] = w
+        else:
+            out[k] = v
+    return out
+
+
+# --- 2. sharding to this rank -----------------------------------------------------------------
+_TE_ALIASES = [  # TE spec module names -> local spec names
+    (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
+    (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+    (re.compile(r"mlp\.experts\.linear_fc(\d)\.weight(\d+)$"), r"mlp.experts.local_experts.\2.linear_fc\1.weight"),
+]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    layer_offset: int
+    expert_offset: int
+    tp: tuple[int, int]  # (rank, size)
+    etp: tuple[int, int]
+    tied: bool = False  # output layer shares the embedding (its PP last-stage copy included)
+
+
+def rank_info(model) -> RankInfo:
+    from megatron.core import parallel_state as ps
+
+    layers = getattr(_unwrap(model).decoder, "layers", [])
+    offset = layers[0].layer_number - 1 if len(layers) else 0
+    num_experts = _unwrap(model).config.num_moe_experts or 0
+    ep_rank, ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    return RankInfo(
+        layer_offset=offset,
+        expert_offset=ep_rank * (num_experts // ep_size) if num_experts else 0,
+        tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        etp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+        tied=bool(getattr(_unwrap(model), "share_embeddings_and_output_weights", False)),
+    )
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def canonical_name(local_name: str, info: RankInfo) -> str:
+    """This rank's parameter name -> the canonical (global, unsharded) name."""
+    name = local_name
+    while name.startswith("module."):
+        name = name[len("module."):]
+    for regex, repl in _TE_ALIASES:
+        name = regex.sub(repl, name)
+    name = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + info.layer_offset}.", name)
+    name = re.sub(r"experts\.local_experts\.(\d+)\.", lambda m: f"experts.local_experts.{int(m.group(1)) + info.expert_offset}.", name)
+    if info.tied and name == "output_layer.weight":
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def shard_for_rank(full: torch.Tensor, local: torch.Tensor, name: str, info: RankInfo) -> torch.Tensor:
+    """Slice the canonical tensor the way Megatron split `local` (its attributes say how)."""
+    if getattr(local, "tensor_model_parallel", False):
+        dim = local.partition_dim
+        rank, size = info.etp if ".experts.local_experts." in name else info.tp  # experts split by ETP
+        if ".linear_fc1." in name or name.endswith("linear_fc1.weight"):
+            gate, up = torch.chunk(full, 2, dim=dim)  # GLU: each half is split on its own
+            full = torch.cat([torch.chunk(gate, size, dim=dim)[rank], torch.chunk(up, size, dim=dim)[rank]], dim=dim)
+        else:
+            full = torch.chunk(full, size, dim=dim)[rank]
+    if tuple(full.shape) != tuple(local.shape):
+        raise WeightError(
+            f"tensor {name!r}: source shape {tuple(full.shape)} does not fit this rank's "
+            f"parameter shape {tuple(local.shape)}"
+        )
+    return full
+
+
+def local_tensors(model) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every parameter and persistent buffer this rank holds."""
+    m = _unwrap(model)
+    seen = set()
+    for name, p in m.named_parameters():
+        seen.add(name)
+        yield name, p
+    state_keys = set(m.state_dict().keys())
+    for name, b in m.named_buffers():
+        if name in state_keys and name not in seen:
+            yield name, b
+
+
+@torch.no_grad()
+def load_canonical(model, get: Callable[[str], torch.Tensor]) -> int:
+    """Fill this rank's parameters from canonical tensors fetched with `get`. Returns count."""
+    info = rank_info(model)
+    n = 0
+    for name, local in local_tensors(model):
+        canon = canonical_name(name, info)
+        local.copy_(shard_for_rank(get(canon), local, canon, info).to(local.dtype))
+        n += 1
+    return n
+
+
+def load_hf_weights(model, source, args: ErnieArgs) -> int:
+    """Load an HF checkpoint (directory or state dict) into this rank's part of `model`.
+
+    Every HF tensor must be used: unknown names are listed in the error, never dropped.
+    """
+    hf = source if isinstance(source, HFWeights) else HFWeights(source)
+    expected = expected_hf_names(args)
+    unknown = sorted(
+        k for k in hf.keys()
+        if k not in expected and not k.startswith(HF_IGNORED_PREFIXES)
+        and not (k == "lm_head.weight" and args.tie_word_embeddings)
+    )
+    if unknown:
+        raise WeightError(f"{hf.source}: tensors not part of {args.name}: {unknown}")
+    return load_canonical(model, lambda name: canonical_from_hf(name, hf.get, args))
+
+
+def canonical_state_dict(model) -> dict[str, torch.Tensor]:
+    """This rank's tensors under canonical names (the full model when TP=PP=EP=1)."""
+    info = rank_info(model)
+    return {canonical_name(n, info): t.detach().clone() for n, t in local_tensors(model)}
+
+
+def to_hf_state_dict(canonical: Mapping[str, torch.Tensor], args: ErnieArgs) -> dict[str, torch.Tensor]:
+    """HF tensors from a full canonical state dict (tied output layer dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in canonical.items():
+        if name == "output_layer.weight" and args.tie_word_embeddings:
+            continue
+        out.update(hf_from_canonical(name, tensor, args))
+    return out

@@ -1,0 +1,105 @@
+"""One entry point that brings up torch.distributed + Megatron parallel state.
+
+Reads the launcher's variables (torchrun: RANK/WORLD_SIZE/LOCAL_RANK, Slurm: SLURM_PROCID/
+SLURM_NTASKS/SLURM_LOCALID), picks nccl on GPU and gloo on CPU, validates the layout before any
+allocation and, on CPU only, installs the compatibility shims (runtime/cpu_compat.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from megatron_ernie.runtime import cpu_compat
+from megatron_ernie.runtime.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def launch_env(environ=None) -> LaunchEnv:
+    """Rank/world from torchrun, else from Slurm, else a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    return LaunchEnv(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", 29500)),
+    )
+
+
+def initialize(layout: ParallelLayout, model_args=None, seed: int = 1234, environ=None,
+               timeout_s: int = 600) -> LaunchEnv:
+    """Initialise the process group and Megatron's parallel state for `layout`.
+
+    `model_args` (ErnieArgs) lets the layout be validated against the model before anything
+    is allocated. Idempotent for the process group; re-initialises model-parallel state.
+    """
+    from megatron.core import parallel_state as ps
+
+    env = launch_env(environ)
+    if model_args is not None:
+        layout.validate(model_args, env.world_size)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(env.local_rank)
+        torch.distributed.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    seed_everything(seed)
+    if not on_gpu:
+        cpu_compat.enter_device_mode()
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the default generator and megatron's named RNG streams."""
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_compat.install_cpu_rng_tracker(seed)
+
+
+def shutdown(destroy_process_group: bool = True) -> None:
+    from megatron.core import parallel_state as ps
+
+    cpu_compat.exit_device_mode()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if destroy_process_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,123 @@
+"""One optimizer step on Megatron-Core: DDP wrapping, the optimizer, and the step itself.
+
+The step is stage-agnostic: it runs `get_forward_backward_func` (no pipelining, or 1F1B when
+PP > 1) with a forward function and a loss function, then finalises gradients (DP/TP/PP
+reductions, per-token scaling), clips, steps the optimizer and moves the ERNIE routers'
+correction bias. Stages differ only by the loss function and by what produces the batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ernie.models.ernie.router import update_expert_bias
+from megatron_ernie.runtime.layout import ParallelLayout
+
+
+def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=layout.distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks: list, layout: ParallelLayout, *, lr: float = 1e-4, weight_decay: float = 0.0,
+                    clip_grad: float = 1.0, optimizer: str = "adam", betas=(0.9, 0.95), eps: float = 1e-8):
+    config = model_chunks[0].config
+    opt_config = OptimizerConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=eps,
+        clip_grad=clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=layout.distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def attach_schedule_hooks(model_chunks: list, optimizer) -> None:
+    """What Megatron's schedules call back into: grad finalisation, no-sync, loss scaling."""
+    config = model_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model_chunks[0].no_sync if len(model_chunks) == 1 else [m.no_sync for m in model_chunks]
+
+
+# --- the language-model forward and loss ----------------------------------------------------
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss contract of Megatron (calculate_per_token_loss=True):
+    returns (sum of masked token losses, number of tokens, values to report)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def lm_forward_step(data_iterator, model, loss_func: Callable = masked_token_loss):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+    )
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean over the global batch
+    grad_norm: float
+    num_tokens: int
+    update_successful: bool
+
+
+def _reduce_report(losses: list[dict]) -> tuple[float, int]:
+    """Sum the last stage's (loss_sum, tokens) over microbatches and DP; share with all stages."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        total += item["lm loss"].double()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        last = ps.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1]), int(total[1])
+
+
+def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step) -> StepResult:
+    """One global-batch step: forward/backward over this rank's microbatches, then update."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    success, grad_norm, _ = optimizer.step()
+    update_expert_bias(model_chunks)
+    loss, tokens = _reduce_report(losses)
+    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), num_tokens=tokens, update_successful=bool(success))

@@ -1,0 +1,74 @@
+"""Shared test fixtures: tiny reference models, a fixed batch, and gloo worlds on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_ernie.models.ernie import ErnieArgs, preset, to_hf_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hf_model(args: ErnieArgs, seed: int = 0, bias_std: float = 0.05):
+    """A random `transformers` reference model of `args`' shape, with a non-zero correction bias."""
+    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = {k: v for k, v in to_hf_config(args).items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(seed)
+    if args.is_moe:
+        model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**cfg))
+    else:
+        model = Ernie4_5ForCausalLM(Ernie4_5Config(**cfg))
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                t.normal_(0.0, bias_std)
+    return model.eval()
+
+
+def save_hf_model(args: ErnieArgs, path: Path, seed: int = 0) -> Path:
+    hf_model(args, seed).save_pretrained(str(path))
+    return path
+
+
+def fixed_batch(args: ErnieArgs, n: int = 4, seq: int = 32, seed: int = 7) -> dict[str, torch.Tensor]:
+    """n sequences: tokens, labels (next token), a loss mask with holes, positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, args.vocab_size, (n, seq + 1), generator=g)
+    mask = (torch.rand(n, seq, generator=g) > 0.2).float()
+    return {
+        "tokens": ids[:, :-1].contiguous(),
+        "labels": ids[:, 1:].contiguous(),
+        "loss_mask": mask,
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(n, -1).contiguous(),
+    }
+
+
+def _worker(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.pop("SLURM_PROCID", None)
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, *args) on `world` gloo ranks; raises if any rank fails."""
+    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+TEST_MOE = preset("ernie45_tiny_moe")
+TEST_DENSE = preset("ernie45_tiny_dense")
