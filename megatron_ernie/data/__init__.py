@@ -1,1 +1,1 @@
-"""See docs/architecture.md for what this room will hold."""
+"""Data room: tokenizers and batch producers (plain text now; chat/SFT, pairs and prompts next)."""

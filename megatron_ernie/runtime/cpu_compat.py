@@ -90,6 +90,9 @@ def install_cpu_rng_tracker(seed: int) -> None:
 
 # --- 2. torch.cuda stand-ins -------------------------------------------------------------------
 class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
     def synchronize(self):
         pass
 
@@ -98,7 +101,11 @@ class _NullEvent:
 
 
 class _NullStream:
-    """CPU ops are synchronous: every stream/event operation is already complete."""
+    """CPU ops are synchronous: every stream/event operation is already complete. A class, not a
+    function: other libraries use `torch.cuda.Stream | None` in annotations."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, *_):
         pass
@@ -118,8 +125,8 @@ def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: cpu
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
-    torch.cuda.Stream = lambda *a, **k: _NullStream()
-    torch.cuda.Event = lambda *a, **k: _NullEvent()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullEvent
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()

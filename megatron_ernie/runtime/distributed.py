@@ -7,8 +7,8 @@ allocation and, on CPU only, installs the compatibility shims (runtime/cpu_compa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 
@@ -16,8 +16,7 @@ from megatron_ernie.runtime import cpu_compat
 from megatron_ernie.runtime.layout import ParallelLayout
 
 
-@dataclass(frozen=True)
-class LaunchEnv:
+class LaunchEnv(NamedTuple):
     rank: int
     world_size: int
     local_rank: int

@@ -31,12 +31,14 @@ def wrap_ddp(model: torch.nn.Module, layout: ParallelLayout) -> DistributedDataP
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model_chunks: list, layout: ParallelLayout, *, lr: float = 1e-4, weight_decay: float = 0.0,
+def build_optimizer(model_chunks: list, layout: ParallelLayout, *, lr: float = 1e-4, min_lr: float = 0.0,
+                    weight_decay: float = 0.0,
                     clip_grad: float = 1.0, optimizer: str = "adam", betas=(0.9, 0.95), eps: float = 1e-8):
     config = model_chunks[0].config
     opt_config = OptimizerConfig(
         optimizer=optimizer,
         lr=lr,
+        min_lr=min_lr,
         weight_decay=weight_decay,
         adam_beta1=betas[0],
         adam_beta2=betas[1],

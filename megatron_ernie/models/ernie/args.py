@@ -35,7 +35,7 @@ class ErnieArgs:
     moe_intermediate_size: int = 0
     moe_num_shared_experts: int = 0
     moe_layer_start_index: int = 0
-    moe_layer_end_index: int = -1  # -1: last layer
+    moe_layer_end_index: int = -1  # -1: last layer (stored as num_layers - 1)
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
     # Router training knobs (not in HF configs; post-training defaults)
@@ -48,25 +48,40 @@ class ErnieArgs:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    @property
-    def last_moe_layer(self) -> int:
-        return self.num_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
-
     def is_moe_layer(self, i: int) -> bool:
         """ERNIE's rule (0-based layer i), identical to the reference implementation."""
         return (
             self.is_moe
             and (i + 1) % self.moe_layer_interval == 0
-            and self.moe_layer_start_index <= i <= self.last_moe_layer
+            and self.moe_layer_start_index <= i <= self.moe_layer_end_index
         )
 
     def moe_layer_pattern(self) -> list[int]:
         return [int(self.is_moe_layer(i)) for i in range(self.num_layers)]
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameters of the text model (MTP layer excluded)."""
+        h = self.hidden_size
+        attn = h * self.num_attention_heads * self.head_dim * 2 + 2 * h * self.num_key_value_heads * self.head_dim
+        total = active = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h  # + final norm
+        for i in range(self.num_layers):
+            layer = attn + 2 * h
+            if self.is_moe_layer(i):
+                expert = 3 * h * self.moe_intermediate_size
+                shared = expert * self.moe_num_shared_experts + self.num_experts * (h + 1)
+                total += layer + shared + self.num_experts * expert
+                active += layer + shared + self.moe_k * expert
+            else:
+                total += layer + 3 * h * self.intermediate_size
+                active += layer + 3 * h * self.intermediate_size
+        return total, active
+
     def replace(self, **changes) -> "ErnieArgs":
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self):
+        if self.moe_layer_end_index == -1:  # HF's "-1 = last layer", stored explicitly
+            object.__setattr__(self, "moe_layer_end_index", self.num_layers - 1)
         if self.is_moe:
             if not 0 < self.moe_k <= self.num_experts:
                 raise ConfigError(f"{self.name}: moe_k={self.moe_k} must be in [1, num_experts={self.num_experts}]")
@@ -211,8 +226,6 @@ def from_hf_config(cfg: dict | str | Path, name: str | None = None, strict: bool
     kwargs["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 500000.0)))
     if isinstance(kwargs.get("eos_token_id"), list):
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-    if model_type == "ernie4_5_moe" and kwargs.get("moe_layer_end_index") == cfg.get("num_hidden_layers", 0) - 1:
-        kwargs["moe_layer_end_index"] = -1
     try:
         return ErnieArgs(name=name or cfg.get("_name_or_path") or model_type, **kwargs)
     except TypeError as e:
@@ -231,5 +244,6 @@ def to_hf_config(args: ErnieArgs) -> dict:
     )
     if args.is_moe:
         cfg.update({hf: getattr(args, ours) for hf, ours in _HF_MOE_FIELDS.items() if ours != "num_mtp_layers"})
-        cfg["moe_layer_end_index"] = args.last_moe_layer
+        if args.num_mtp_layers:
+            cfg["num_nextn_predict_layers"] = args.num_mtp_layers
     return cfg
