@@ -20,8 +20,10 @@ from tests.helpers import TEST_DENSE, TEST_MOE, fixed_batch, hf_model, spawn
 
 MODELS = {
     "dense": TEST_DENSE,
-    # every router feature on: aux loss, orthogonal loss, correction-bias updates
-    "moe": TEST_MOE.replace(moe_aux_loss_coeff=0.01, moe_orthogonal_loss_coeff=0.01, moe_bias_update_rate=1e-3),
+    # every router feature on (aux loss, orthogonal loss, correction-bias updates) and an untied
+    # output layer like the 300B's (the dense model covers the tied one, PP included)
+    "moe": TEST_MOE.replace(moe_aux_loss_coeff=0.01, moe_orthogonal_loss_coeff=0.01, moe_bias_update_rate=1e-3,
+                            tie_word_embeddings=False),
 }
 JOBS = {  # name: (model, layout, world size)
     "dense_tp2": ("dense", ParallelLayout(tp=2), 2),
