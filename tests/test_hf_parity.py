@@ -94,3 +94,35 @@ def test_router_norm_min_clamps_small_weight_sums(world1):
     assert index.tolist() == [[1, 0], [1, 0]] or index.tolist() == [[1, 0], [0, 1]]
     assert weights[0].tolist() == pytest.approx([0.02 / 0.5, 0.01 / 0.5])  # sum 0.03 < norm_min
     assert weights[1].sum().item() == pytest.approx(1.0)  # sum 0.6 > norm_min: renormalised
+
+
+@pytest.mark.parametrize("case", ["dense", "moe_untied_interval2"])
+def test_export_to_hf_names_is_bit_exact(world1, tmp_path, case):
+    """Megatron weights -> HF names/shapes (what vLLM and transformers load) without a bit changed."""
+    from safetensors.torch import load_file
+
+    from megatron_ernie.models.ernie.hf_adapter import canonical_state_dict, to_hf_state_dict
+
+    args = CASES[case]
+    hf_model(args, seed=14).save_pretrained(tmp_path)
+    exported = to_hf_state_dict(canonical_state_dict(_ours(args, tmp_path)), args)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert set(exported) == set(on_disk)
+    for name, tensor in on_disk.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+
+
+def test_unknown_missing_and_misshapen_tensors_are_named(world1, tmp_path):
+    from megatron_ernie.models.ernie.hf_adapter import WeightError
+
+    args = TEST_MOE
+    sd = {k: v.clone() for k, v in hf_model(args, seed=15).state_dict().items()}
+    model = build_model(args)
+    with pytest.raises(WeightError, match=r"tensors not part of ernie45_tiny_moe: \['model.layers.0.mlp.extra'\]"):
+        load_hf_weights(model, {**sd, "model.layers.0.mlp.extra": torch.zeros(1)}, args)
+    missing = {k: v for k, v in sd.items() if k != "model.norm.weight"}
+    with pytest.raises(WeightError, match="tensor 'model.norm.weight' is missing"):
+        load_hf_weights(model, missing, args)
+    bad = dict(sd, **{"model.layers.0.self_attn.o_proj.weight": torch.zeros(3, 3)})
+    with pytest.raises(WeightError, match=r"linear_proj.weight': source shape \(3, 3\)"):
+        load_hf_weights(model, bad, args)

@@ -63,23 +63,16 @@ def _to_regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
 
 
-_RULES = [(_to_regex(m), m, hf, kind) for m, hf, kind in KEY_MAP]
-
-
-def _match(name: str):
-    for regex, mpat, hf, kind in _RULES:
-        m = regex.match(name)
-        if m:
-            return m.groupdict(), mpat, hf, kind
-    return None
+_RULES = [(_to_regex(m), hf, kind) for m, hf, kind in KEY_MAP]
 
 
 def canonical_to_hf_names(name: str) -> tuple[tuple[str, ...], str]:
-    found = _match(name)
-    if found is None:
-        raise WeightError(f"no HF mapping for Megatron tensor {name!r}")
-    groups, _, hf, kind = found
-    return tuple(h.format(**groups) for h in hf), kind
+    """The HF tensor names behind one canonical Megatron tensor, and how they combine."""
+    for regex, hf, kind in _RULES:
+        m = regex.match(name)
+        if m:
+            return tuple(h.format(**m.groupdict()) for h in hf), kind
+    raise WeightError(f"no HF mapping for Megatron tensor {name!r}")
 
 
 def _fuse_qkv(q, k, v, args: ErnieArgs) -> torch.Tensor:

@@ -58,14 +58,11 @@ class ErnieRouter(TopKRouter):
         self.register_buffer("e_score_correction_bias", torch.zeros(n, dtype=torch.float32))
         del self.local_tokens_per_expert  # TopKRouter set it to None (its bias path is sigmoid-only)
         self.register_buffer("local_tokens_per_expert", torch.zeros(n, dtype=torch.float32), persistent=False)
-        self._keep_fp32()
-
-    def _keep_fp32(self):
         # Routing decisions must not depend on the model's compute dtype (HF keeps these in fp32).
         self.weight.data = self.weight.data.float()
-        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
 
     def _apply(self, fn, recurse=True):
+        """Keep gate weight and bias fp32 through model.bfloat16()/.half()."""
         bias = self.e_score_correction_bias.detach().clone()
         weight = self.weight.detach().clone()
         out = super()._apply(fn, recurse)
