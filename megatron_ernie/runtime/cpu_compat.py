@@ -15,6 +15,9 @@ GPU is present, so nothing here ever touches a GPU run. Each shim names the fail
    TorchFunctionMode entered by `runtime.initialize()` for the life of the parallel session.
 7. (new, not in the shared notes) TP×EP: the alltoall dispatcher all-gathers / reduce-scatters
    uneven token blocks over the TP group, which gloo cannot: padded gather, all-reduce scatter.
+8. RoPE numerics: on GPU, TE's fused RoPE kernel (apply_rope_fusion) rotates in fp32; without TE
+   megatron rotates in the activation dtype. The reference (transformers) rotates in fp32, so on
+   CPU we rotate in fp32 too: bf16 runs then match the reference bit for bit; fp32 is unchanged.
 """
 from __future__ import annotations
 
@@ -135,7 +138,20 @@ def _patch_torch_cuda() -> None:
 
 # --- 3. + 4. megatron module fixes ------------------------------------------------------------
 def _patch_megatron_modules() -> None:
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def rope_bshd_fp32(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if multi_latent_attention:  # MLA's de-interleave is not ours to reproduce: keep megatron's
+            return unfused_rope(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        rot_dim = freqs.shape[-1]
+        x, x_pass = t[..., :rot_dim], t[..., rot_dim:]
+        cos, sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
+        x = x.float() * cos + rope_utils._rotate_half(x, rotary_interleaved).float() * sin
+        return torch.cat((x.to(t.dtype), x_pass), dim=-1)
+
+    unfused_rope = rope_utils._apply_rotary_pos_emb_bshd
+    rope_utils._apply_rotary_pos_emb_bshd = rope_bshd_fp32
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None

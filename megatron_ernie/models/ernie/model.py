@@ -64,12 +64,13 @@ def transformer_config(
         sequence_parallel=layout.sequence_parallel,
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        # Fused kernels need CUDA (and interleaved RoPE has no fused path in every TE version).
+        # Fused kernels need CUDA. TE's fused RoPE (interleaved needs TE >= 2.3) rotates in fp32
+        # like the reference; on CPU runtime/cpu_compat.py does the same.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
         masked_softmax_fusion=use_te,
-        apply_rope_fusion=False,
+        apply_rope_fusion=use_te,
         persist_layer_norm=False,
     )
     if args.is_moe:

@@ -3,7 +3,8 @@
 One builder, one switch: the Transformer Engine spec when TE is importable on a GPU, the local
 spec otherwise. ERNIE-specific pieces are declared into the stock specs, not forked:
 the router (`MoESubmodules.router`) and, on the local spec, an fp32 RMSNorm identical to the
-reference's (TE's RMSNorm already normalises in fp32) and torch-SDPA core attention.
+reference's (TE's RMSNorm already normalises in fp32), torch-SDPA core attention, and routed
+experts that weight their outputs in the reference's order (bf16 bit parity).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_ernie.models.ernie.experts import ErnieSequentialMLP
 from megatron_ernie.models.ernie.router import ErnieRouter
 from megatron_ernie.models.sdpa_attention import SDPAttention
 
@@ -66,6 +68,8 @@ def _ernie_layer_spec(moe: bool, use_te: bool) -> ModuleSpec:
         sub.input_layernorm = ErnieRMSNorm
         sub.pre_mlp_layernorm = ErnieRMSNorm
         sub.self_attention.submodules.core_attention = SDPAttention
+        if moe:
+            sub.mlp.submodules.experts.module = ErnieSequentialMLP
     if moe:
         sub.mlp.submodules.router = ErnieRouter
     return spec
