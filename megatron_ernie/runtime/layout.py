@@ -42,8 +42,6 @@ class ParallelLayout:
                 f"world size {world_size} is not a multiple of ETP×EP×PP = "
                 f"{etp}×{self.ep}×{self.pp} = {expert_mp}"
             )
-        elif self.ep > 1 and (world_size // self.pp) % (self.ep * etp):
-            errors.append(f"EP×ETP = {self.ep * etp} does not divide {world_size // self.pp} ranks per stage")
         if args.num_attention_heads % self.tp:
             errors.append(
                 f"num_attention_heads={args.num_attention_heads} is not divisible by TP={self.tp}"

@@ -94,8 +94,6 @@ def _split_qkv(qkv, args: ErnieArgs):
 def canonical_from_hf(name: str, get: Callable[[str], torch.Tensor], args: ErnieArgs) -> torch.Tensor:
     """The full Megatron tensor `name`, built from HF tensors fetched with `get`."""
     hf_names, kind = canonical_to_hf_names(name)
-    if name == "output_layer.weight" and args.tie_word_embeddings:
-        hf_names = ("model.embed_tokens.weight",)
     parts = [get(n) for n in hf_names]
     if kind == "qkv":
         return _fuse_qkv(*parts, args)
