@@ -47,8 +47,17 @@ KEY_MAP: list[tuple[str, tuple[str, ...], str]] = [
     (L + "mlp.experts.local_experts.{e}.linear_fc1.weight", (H + "mlp.experts.{e}.gate_proj.weight",
                                                         H + "mlp.experts.{e}.up_proj.weight"),      "glu"),
     (L + "mlp.experts.local_experts.{e}.linear_fc2.weight", (H + "mlp.experts.{e}.down_proj.weight",), "copy"),
+    # Multi-token prediction (the 300B ships one): Megatron-Core's MultiTokenPredictionLayer names.
+    ("mtp.layers.{k}.enorm.weight",                    ("model.mtp_emb_norm.{k}.weight",),          "copy"),
+    ("mtp.layers.{k}.hnorm.weight",                    ("model.mtp_hidden_norm.{k}.weight",),       "copy"),
+    ("mtp.layers.{k}.eh_proj.weight",                  ("model.mtp_linear_proj.{k}.weight",),       "copy"),
+    # its transformer layer: every decoder-layer row above, with these prefixes
+    ("mtp.layers.{k}.transformer_layer.*",             ("model.mtp_block.{k}.*",),                  "layer"),
 ]
-# HF tensors the text model does not use (the 300B's multi-token-prediction layer).
+MTP_LAYER = re.compile(r"^mtp\.layers\.(?P<k>\d+)\.transformer_layer\.(?P<rest>.+)$")
+HF_MTP_LAYER = re.compile(r"^model\.mtp_block\.(?P<k>\d+)\.(?P<rest>.+)$")
+# HF tensors the text model does not use (the 300B's multi-token-prediction layer): converted,
+# never loaded into the model.
 HF_IGNORED_PREFIXES = ("mtp", "model.mtp")
 
 
@@ -60,19 +69,75 @@ class WeightError(KeyError):
 
 
 def _to_regex(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+    out = re.escape(pattern)
+    for field in "iek":
+        out = out.replace(r"\{%s\}" % field, rf"(?P<{field}>\d+)")
+    return re.compile("^" + out + "$")
 
 
-_RULES = [(_to_regex(m), hf, kind) for m, hf, kind in KEY_MAP]
+_RULES = [(_to_regex(m), hf, kind) for m, hf, kind in KEY_MAP if kind != "layer"]
 
 
 def canonical_to_hf_names(name: str) -> tuple[tuple[str, ...], str]:
     """The HF tensor names behind one canonical Megatron tensor, and how they combine."""
+    mtp = MTP_LAYER.match(name)
+    if mtp:  # an MTP transformer layer is a decoder layer under other prefixes
+        hf, kind = canonical_to_hf_names(f"decoder.layers.{mtp['k']}.{mtp['rest']}")
+        prefix = f"model.layers.{mtp['k']}."
+        return tuple(f"model.mtp_block.{mtp['k']}." + h[len(prefix):] for h in hf), kind
     for regex, hf, kind in _RULES:
         m = regex.match(name)
         if m:
             return tuple(h.format(**m.groupdict()) for h in hf), kind
     raise WeightError(f"no HF mapping for Megatron tensor {name!r}")
+
+
+def canonical_shape(name: str, args: ErnieArgs) -> tuple[int, ...]:
+    """The full (unsharded) shape of a canonical tensor, from the model arguments alone."""
+    h, d = args.hidden_size, args.head_dim
+    base = MTP_LAYER.sub(r"decoder.layers.\g<k>.\g<rest>", name)
+    suffix = re.sub(r"^decoder\.layers\.\d+\.", "", base)
+    expert = args.moe_intermediate_size
+    table = {
+        "embedding.word_embeddings.weight": (args.vocab_size, h),
+        "output_layer.weight": (args.vocab_size, h),
+        "decoder.final_layernorm.weight": (h,),
+        "input_layernorm.weight": (h,),
+        "pre_mlp_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": ((args.num_attention_heads + 2 * args.num_key_value_heads) * d, h),
+        "self_attention.linear_proj.weight": (h, args.num_attention_heads * d),
+        "mlp.linear_fc1.weight": (2 * args.intermediate_size, h),
+        "mlp.linear_fc2.weight": (h, args.intermediate_size),
+        "mlp.router.weight": (args.num_experts, h),
+        "mlp.router.e_score_correction_bias": (args.num_experts,),
+        "mlp.shared_experts.linear_fc1.weight": (2 * expert * args.moe_num_shared_experts, h),
+        "mlp.shared_experts.linear_fc2.weight": (h, expert * args.moe_num_shared_experts),
+        "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+    }
+    suffix = re.sub(r"^mtp\.layers\.\d+\.", "", suffix)
+    suffix = re.sub(r"^mlp\.experts\.local_experts\.\d+\.", "mlp.experts.", suffix)
+    table["mlp.experts.linear_fc1.weight"] = (2 * expert, h)
+    table["mlp.experts.linear_fc2.weight"] = (h, expert)
+    if suffix not in table:
+        raise WeightError(f"no shape rule for Megatron tensor {name!r}")
+    return table[suffix]
+
+
+def hf_shapes(name: str, args: ErnieArgs) -> dict[str, tuple[int, ...]]:
+    """The shapes of the HF tensors behind canonical tensor `name` (what config.json implies)."""
+    hf_names, kind = canonical_to_hf_names(name)
+    shape = canonical_shape(name, args)
+    if kind == "qkv":
+        q = args.num_attention_heads * args.head_dim
+        kv = args.num_key_value_heads * args.head_dim
+        shapes = [(q, shape[1]), (kv, shape[1]), (kv, shape[1])]
+    elif kind == "glu":
+        shapes = [(shape[0] // 2, shape[1])] * 2
+    elif kind == "bias":
+        shapes = [(1, shape[0])]
+    else:
+        shapes = [shape]
+    return dict(zip(hf_names, shapes))
 
 
 def _fuse_qkv(q, k, v, args: ErnieArgs) -> torch.Tensor:
@@ -118,33 +183,90 @@ def hf_from_canonical(name: str, tensor: torch.Tensor, args: ErnieArgs) -> dict[
     return {n: p.contiguous() for n, p in zip(hf_names, parts)}
 
 
-def canonical_names(args: ErnieArgs) -> list[str]:
-    """Every canonical Megatron tensor of a model (the order HF checkpoints list them)."""
-    names = ["embedding.word_embeddings.weight"]
-    for i in range(args.num_layers):
-        p = f"decoder.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight",
-                  p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight"]
-        if args.is_moe_layer(i):
-            names += [p + "mlp.router.weight", p + "mlp.router.e_score_correction_bias"]
-            if args.moe_num_shared_experts:
-                names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight"]
-            for e in range(args.num_experts):
-                names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
-                          p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
-        else:
-            names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
-    names.append("decoder.final_layernorm.weight")
-    if not args.tie_word_embeddings:
-        names.append("output_layer.weight")
+def _layer_names(p: str, moe: bool, args: ErnieArgs) -> list[str]:
+    names = [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight",
+             p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight"]
+    if not moe:
+        return names + [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    names += [p + "mlp.router.weight", p + "mlp.router.e_score_correction_bias"]
+    if args.moe_num_shared_experts:
+        names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight"]
+    for e in range(args.num_experts):
+        names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                  p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
     return names
 
 
-def expected_hf_names(args: ErnieArgs) -> set[str]:
+def mtp_layer_is_moe(args: ErnieArgs, k: int) -> bool:
+    """ERNIE builds MTP block k with decoder-layer index k, so the MoE rule applies to k."""
+    return args.is_moe_layer(k)
+
+
+def canonical_names(args: ErnieArgs, with_mtp: bool = False, mtp_moe: Iterable[bool] | None = None) -> list[str]:
+    """Every canonical Megatron tensor of a model (the order HF checkpoints list them).
+
+    `with_mtp` adds the multi-token-prediction layers (`args.num_mtp_layers`); `mtp_moe` says
+    which of them are MoE layers when a checkpoint shows it (default: ERNIE's layer rule).
+    """
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(args.num_layers):
+        names += _layer_names(f"decoder.layers.{i}.", args.is_moe_layer(i), args)
+    names.append("decoder.final_layernorm.weight")
+    if not args.tie_word_embeddings:
+        names.append("output_layer.weight")
+    if with_mtp and args.num_mtp_layers:
+        moe_flags = list(mtp_moe) if mtp_moe is not None else [mtp_layer_is_moe(args, k) for k in range(args.num_mtp_layers)]
+        for k, moe in enumerate(moe_flags):
+            p = f"mtp.layers.{k}."
+            names += [p + "enorm.weight", p + "hnorm.weight", p + "eh_proj.weight"]
+            names += _layer_names(p + "transformer_layer.", moe, args)
+    return names
+
+
+def expected_hf_names(args: ErnieArgs, with_mtp: bool = False, mtp_moe: Iterable[bool] | None = None) -> set[str]:
     out = set()
-    for name in canonical_names(args):
+    for name in canonical_names(args, with_mtp, mtp_moe):
         out.update(canonical_to_hf_names(name)[0])
     return out
+
+
+# --- Megatron-Core checkpoint keys (dist_checkpointing) ----------------------------------------
+# The sharded keys Megatron-Core writes differ from module names in two ways, identical under the
+# TE and local specs: norms fused into the following linear are saved under TE's names, and
+# routed experts are one tensor per layer, stacked on a leading expert axis.
+_SHARDED_KEY_RULES = [
+    (re.compile(r"^(.*)\.input_layernorm\.weight$"), r"\1.self_attention.linear_qkv.layer_norm_weight"),
+    (re.compile(r"^(.*)\.mlp\.experts\.local_experts\.\d+\.(linear_fc[12]\.weight)$"), r"\1.mlp.experts.experts.\2"),
+]
+_EXPERT_INDEX = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def sharded_key(name: str, moe_layer: bool) -> tuple[str, int | None]:
+    """Canonical name -> (Megatron-Core checkpoint key, expert index on its leading axis or None).
+
+    A dense layer's pre-MLP norm is fused into linear_fc1 under TE (`mlp.linear_fc1.
+    layer_norm_weight`); a MoE layer's stays `pre_mlp_layernorm.weight`.
+    """
+    key = name
+    for regex, repl in _SHARDED_KEY_RULES:
+        key = regex.sub(repl, key)
+    if not moe_layer:
+        key = re.sub(r"\.pre_mlp_layernorm\.weight$", ".mlp.linear_fc1.layer_norm_weight", key)
+    m = _EXPERT_INDEX.search(name)
+    return key, (int(m.group(1)) if m else None)
+
+
+def is_moe_layer_name(name: str, args: ErnieArgs, mtp_moe: Iterable[bool] | None = None) -> bool:
+    """Whether canonical tensor `name` belongs to a MoE layer (False outside layers)."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.", name)
+    if m:
+        return args.is_moe_layer(int(m.group(1)))
+    m = MTP_LAYER.match(name)
+    if m:
+        flags = list(mtp_moe) if mtp_moe is not None else None
+        k = int(m["k"])
+        return flags[k] if flags is not None else mtp_layer_is_moe(args, k)
+    return False
 
 
 # --- HF checkpoint access ---------------------------------------------------------------------

@@ -70,6 +70,9 @@ def _ernie_layer_spec(moe: bool, use_te: bool) -> ModuleSpec:
         sub.self_attention.submodules.core_attention = SDPAttention
         if moe:
             sub.mlp.submodules.experts.module = ErnieSequentialMLP
+            # Checkpoint keys as under TE, where a MoE layer's pre-MLP norm is its own module
+            # (the stock local spec files it under the dense layer's fused-norm name).
+            sub.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if moe:
         sub.mlp.submodules.router = ErnieRouter
     return spec

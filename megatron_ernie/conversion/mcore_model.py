@@ -1,0 +1,121 @@
+"""A live (possibly sharded) Megatron model ⇄ a dist_checkpointing directory.
+
+Saving is collective (every rank writes its own chunks) and atomic: ranks write into a hidden
+temporary directory that rank 0 renames once all have finished. Loading works at any layout:
+each rank asks for the slices it holds. Weights-only checkpoints written by `hf_to_mcore` carry
+no per-module `_extra_state` objects (TE's FP8 metadata, empty on the local spec); those are
+left at their defaults.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_ernie.conversion.convert import ASSETS, INFO
+from megatron_ernie.conversion.mcore_format import McoreCheckpoint
+from megatron_ernie.conversion.safetensors_io import CheckpointError
+from megatron_ernie.runtime.atomic import publish, temp_sibling
+
+
+# One key per layer for every model (Megatron-Core stacks the layers of a homogeneous, e.g.
+# dense, model on a leading axis unless told otherwise; MoE models are always per layer).
+SHARDED_METADATA = {"non_homogeneous_layers": True}
+
+
+def model_sharded_state_dict(model) -> dict:
+    """This rank's sharded state dict in the layout our checkpoints use."""
+    return _unwrap(model).sharded_state_dict(metadata=dict(SHARDED_METADATA))
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _is_dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _is_dist() else 0
+
+
+def _barrier() -> None:
+    if _is_dist():
+        torch.distributed.barrier()
+
+
+def _sharded_keys(value) -> list[str]:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(value, ShardedTensor):
+        return [value.key]
+    if isinstance(value, ShardedTensorFactory):
+        return [value.key]
+    return []
+
+
+def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
+    """Fill this rank's part of `model` from a Megatron checkpoint written at any layout."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    ckpt_dir = Path(ckpt_dir)
+    ck = McoreCheckpoint(ckpt_dir)
+    objects = {k for k, v in ck.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    module = _unwrap(model)
+    request, skipped = {}, []
+    for name, value in model_sharded_state_dict(module).items():
+        if isinstance(value, ShardedObject) and value.unique_key not in objects:
+            skipped.append(name)  # extra state the writer did not store (weights-only checkpoint)
+            continue
+        request[name] = value
+    missing = sorted({k for v in request.values() for k in _sharded_keys(v) if k not in ck.tensors})
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: tensors this model needs are not in the checkpoint: {missing[:10]}")
+    loaded = dist_checkpointing.load(request, str(ckpt_dir))
+    loaded = {k: v for k, v in loaded.items() if k in request}  # load() also merges common.pt
+    result = module.load_state_dict(loaded, strict=False)
+    absent = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if absent or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt_dir}: state mismatch after load: missing {absent[:10]}, unexpected {result.unexpected_keys[:10]}")
+
+
+def save_model_checkpoint(model, out_dir: str | Path, overwrite: bool = False, extra_common: dict | None = None) -> Path:
+    """Collective: write `model` (all ranks' shards) to `out_dir`, atomically.
+
+    The directory also gets `hf/config.json` so that `mcore_to_hf` needs no other input.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_ernie.models.ernie.args import to_hf_config
+
+    out_dir = Path(out_dir)
+    args = getattr(_unwrap(model), "ernie_args", None)
+    names = [None]
+    if _rank() == 0:
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} already exists")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(out_dir)
+        tmp.mkdir()
+        names = [str(tmp)]
+    if _is_dist():
+        torch.distributed.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
+    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if args is not None:
+            (tmp / ASSETS).mkdir(exist_ok=True)
+            (tmp / ASSETS / "config.json").write_text(json.dumps(to_hf_config(args), indent=2) + "\n")
+        info = {"format": "megatron-core dist_checkpointing (torch_dist)", "model": getattr(args, "name", None)}
+        info.update(extra_common or {})
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        publish(tmp, out_dir, overwrite)
+    _barrier()
+    return out_dir

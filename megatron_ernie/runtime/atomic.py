@@ -1,0 +1,65 @@
+"""Directories that appear complete or not at all: write under a temporary name, then rename."""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temp_sibling(target: Path) -> Path:
+    """A hidden name next to `target` (same filesystem, so the final rename is atomic)."""
+    return target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, target: Path, overwrite: bool = False) -> None:
+    """Move a finished temporary directory to `target` (replacing it only when `overwrite`)."""
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists")
+        old = temp_sibling(target)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes `target`, on any failure it is removed.
+
+    An interrupted process leaves only a hidden `.<name>.tmp-*` directory: nothing that looks
+    like a complete result, and `target` (if it existed) untouched.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (choose another output or allow overwriting)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        publish(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
