@@ -41,7 +41,7 @@ from megatron_ernie.models.ernie.hf_adapter import (
     is_moe_layer_name,
     sharded_key,
 )
-from megatron_ernie.runtime.atomic import atomic_directory
+from megatron_ernie.runtime.atomic import atomic_directory, check_target
 
 ASSETS = "hf"  # inside a Megatron checkpoint: the HF source's config, tokenizer, templates
 INFO = "megatron_ernie.json"
@@ -144,6 +144,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     from megatron_ernie.runtime.layout import ParallelLayout
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_target(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     args = from_hf_config(hf_dir / "config.json")
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1)  # SP never changes storage
@@ -206,6 +207,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
                 max_shard_bytes: int = 5 * 1024**3) -> Report:
     """Convert a Megatron-Core torch_dist checkpoint (any layout) into an HF directory."""
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    check_target(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     ck = McoreCheckpoint(mcore_dir)
     args = mcore_args(mcore_dir, config)
@@ -214,10 +216,11 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
 
     groups: dict[str, list[str]] = {}
     planned: list[PlannedTensor] = []
+    missing = sorted({k for k, _, _ in (_expected_key_shape(n, args, mtp_moe) for n in names) if k not in ck.tensors})
+    if missing:
+        raise CheckpointError(f"{mcore_dir}: {len(missing)} tensors of {args.name} are missing from the checkpoint: {missing[:10]}")
     for name in names:
         key, _, shape = _expected_key_shape(name, args, mtp_moe)
-        if key not in ck.tensors:
-            raise CheckpointError(f"{mcore_dir}: tensor {key!r} of {args.name} is missing from the checkpoint")
         if ck.shape(key) != shape:
             raise CheckpointError(f"{mcore_dir}: tensor {key!r} has shape {ck.shape(key)}, the config implies {shape}")
         groups.setdefault(_layer_of(key), []).append(name)

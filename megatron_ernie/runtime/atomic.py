@@ -43,6 +43,12 @@ def publish(tmp: Path, target: Path, overwrite: bool = False) -> None:
     _fsync_dir(target.parent)
 
 
+def check_target(target: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before any work) when `target` exists and may not be replaced."""
+    if Path(target).exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (choose another output or allow overwriting)")
+
+
 @contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `target`, on any failure it is removed.
@@ -51,8 +57,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     like a complete result, and `target` (if it existed) untouched.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (choose another output or allow overwriting)")
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(target)
     tmp.mkdir()
