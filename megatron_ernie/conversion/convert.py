@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 
 from megatron_ernie.conversion.mcore_format import Chunk, McoreCheckpoint, write_checkpoint
+from megatron_ernie.conversion.prefetch import prefetch
 from megatron_ernie.conversion.safetensors_io import (
     INDEX_NAME,
     CheckpointError,
@@ -214,41 +215,42 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
     with_mtp, mtp_moe = _mtp_layout(ck.tensors, args, "mtp.", "mtp.layers.{k}.transformer_layer.mlp.router.weight")
     names = canonical_names(args, with_mtp, mtp_moe)
 
-    groups: dict[str, list[str]] = {}
-    planned: list[PlannedTensor] = []
     missing = sorted({k for k, _, _ in (_expected_key_shape(n, args, mtp_moe) for n in names) if k not in ck.tensors})
     if missing:
         raise CheckpointError(f"{mcore_dir}: {len(missing)} tensors of {args.name} are missing from the checkpoint: {missing[:10]}")
+    boxes, planned = {}, []
     for name in names:
-        key, _, shape = _expected_key_shape(name, args, mtp_moe)
+        key, expert, shape = _expected_key_shape(name, args, mtp_moe)
         if ck.shape(key) != shape:
             raise CheckpointError(f"{mcore_dir}: tensor {key!r} has shape {ck.shape(key)}, the config implies {shape}")
-        groups.setdefault(_layer_of(key), []).append(name)
-    for name in (n for group in groups.values() for n in group):  # the order they will be written
-        key = _expected_key_shape(name, args, mtp_moe)[0]
+        boxes[name] = _box(key, expert, shape)
         dt = dtype if dtype is not None and ck.dtype(key).is_floating_point else ck.dtype(key)
         planned += [PlannedTensor(n, dt, s) for n, s in hf_shapes(name, args).items()]
+
+    def hf_tensors():
+        """(HF name, tensor) in plan order: boxes read in batches of ~128 MB (an expert is one box)."""
+        batch: list[str] = []
+        size = 0
+        for i, name in enumerate(names):
+            batch.append(name)
+            size += _numel(boxes[name][2]) * ck.dtype(boxes[name][0]).itemsize
+            if size < _READ_BATCH and i + 1 < len(names):
+                continue
+            for n, t in zip(batch, ck.load_regions([boxes[n] for n in batch])):
+                full = t if _expected_key_shape(n, args, mtp_moe)[1] is None else t[0]
+                for hf_name, part in hf_from_canonical(n, full, args).items():
+                    yield hf_name, _cast(part, dtype)
+            batch, size = [], 0
 
     report = Report(tensors=len(planned), bytes=sum(p.nbytes for p in planned))
     bar = _progress(report.bytes, f"mcore→hf {args.name}", progress)
     with atomic_directory(out_dir, overwrite) as tmp:
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
         try:
-            for layer, group in groups.items():
-                bar.set_postfix_str(layer, refresh=False)
-                keys = {}
-                for name in group:
-                    key, expert, _ = _expected_key_shape(name, args, mtp_moe)
-                    keys[name] = (key, expert)
-                loaded = ck.load(sorted({k for k, _ in keys.values()}))
-                for name in group:
-                    key, expert = keys[name]
-                    full = loaded[key] if expert is None else loaded[key][expert]
-                    for hf_name, t in hf_from_canonical(name, full, args).items():
-                        t = _cast(t, dtype)
-                        writer.write(hf_name, t)
-                        bar.update(t.nbytes)
-                del loaded
+            for hf_name, t in prefetch(hf_tensors(), size_of=lambda pair: pair[1].nbytes):  # reads overlap writes
+                writer.write(hf_name, t)
+                bar.set_postfix_str(_hf_layer(hf_name), refresh=False)
+                bar.update(t.nbytes)
             writer.close()
         except BaseException:
             writer.abort()
@@ -257,6 +259,28 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
         report.files = len(writer.file_names)
     bar.close()
     return report
+
+
+_READ_BATCH = 128 * 2**20
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _box(key: str, expert: int | None, shape: tuple[int, ...]):
+    """(key, offsets, sizes) of a canonical tensor inside its stored global tensor."""
+    if expert is None:
+        return key, (0,) * len(shape), shape
+    return key, (expert,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+
+
+def _hf_layer(name: str) -> str:
+    m = re.match(r"^model\.(layers|mtp_block)\.(\d+)\.", name)
+    return f"{m.group(1)}.{m.group(2)}" if m else "embedding/output"
 
 
 def _write_hf_assets(mcore_dir: Path, out: Path, args: ErnieArgs, dtype: torch.dtype | None) -> None:
