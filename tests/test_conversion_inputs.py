@@ -301,3 +301,43 @@ def test_merge_refuses_mismatched_models(hf_pair, tmp_path):
     with pytest.raises(CheckpointError, match="matched no tensor"):
         merge_checkpoints(hf_pair / "a", hf_pair / "b", tmp_path / "m", MergeSpec(layers=(0, 0)), progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_converts_both_ways(hf_pair, tmp_path, capsys):
+    assert convert_main(["hf-to-mcore", "--hf", str(hf_pair / "a"), "--out", str(tmp_path / "mc"), "--tp", "2",
+                         "--ep", "2", "--no-progress"]) == 0
+    assert convert_main(["mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "hf"),
+                         "--max-shard-size", "200KB", "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert_same_hf_tensors(hf_pair / "a", tmp_path / "hf")
+    assert json.loads((tmp_path / "mc" / "megatron_ernie.json").read_text())["layout_checked"] == {"tp": 2, "pp": 1, "ep": 2}
+    # a layout the model cannot take is refused before anything is written
+    assert convert_main(["hf-to-mcore", "--hf", str(hf_pair / "a"), "--out", str(tmp_path / "bad"), "--ep", "3",
+                         "--no-progress"]) == 2
+    assert "EP=3" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_prefetch_keeps_order_bounds_memory_and_reraises():
+    from megatron_ernie.conversion.prefetch import prefetch
+
+    ahead = []
+
+    def produce():
+        for i in range(20):
+            ahead.append(i)
+            yield torch.full((i + 1,), float(i))
+
+    seen, budget = [], 3 * 4 * 20
+    for t in prefetch(produce(), size_of=lambda t: t.nbytes, max_bytes=budget):
+        seen.append(int(t[0]))
+        # items produced and not yet consumed (the newest may be waiting for room) fit the budget
+        queued = sum(4 * (j + 1) for j in range(seen[-1] + 1, ahead[-1]))
+        assert queued <= budget
+    assert seen == list(range(20))
+
+    def broken():
+        yield torch.zeros(1)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch(broken(), size_of=lambda t: t.nbytes))
