@@ -304,12 +304,20 @@ def test_merge_refuses_mismatched_models(hf_pair, tmp_path):
 
 
 def test_cli_converts_both_ways(hf_pair, tmp_path, capsys):
-    assert convert_main(["hf-to-mcore", "--hf", str(hf_pair / "a"), "--out", str(tmp_path / "mc"), "--tp", "2",
+    src = _copy(hf_pair / "a", tmp_path / "src")
+    assets = {"tokenizer.model": b"\x00sentencepiece bytes\xff", "tokenizer_config.json": b'{"chat_template": "{{ x }}"}',
+              "special_tokens_map.json": b"{}"}
+    for name, data in assets.items():
+        (src / name).write_bytes(data)
+    assert convert_main(["hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "mc"), "--tp", "2",
                          "--ep", "2", "--no-progress"]) == 0
     assert convert_main(["mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "hf"),
                          "--max-shard-size", "200KB", "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert_same_hf_tensors(hf_pair / "a", tmp_path / "hf")
+    assert_same_hf_tensors(src, tmp_path / "hf")
+    for name, data in assets.items():  # tokenizer files travel with the weights, both ways
+        assert (tmp_path / "mc" / "hf" / name).read_bytes() == data
+        assert (tmp_path / "hf" / name).read_bytes() == data
     assert json.loads((tmp_path / "mc" / "megatron_ernie.json").read_text())["layout_checked"] == {"tp": 2, "pp": 1, "ep": 2}
     # a layout the model cannot take is refused before anything is written
     assert convert_main(["hf-to-mcore", "--hf", str(hf_pair / "a"), "--out", str(tmp_path / "bad"), "--ep", "3",
