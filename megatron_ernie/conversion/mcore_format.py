@@ -258,3 +258,30 @@ class McoreCheckpoint:
     def common(self) -> dict:
         path = self.root / COMMON_FILE
         return torch.load(path, weights_only=False) if path.exists() else {}
+
+
+def sync_save_strategy():
+    """Megatron-Core's torch_dist save, written synchronously by this process.
+
+    The stock strategy stages every tensor and writes from forked workers that report through a
+    spawned `multiprocessing.Manager`; a run killed with SIGKILL leaves those helper processes
+    behind (holding its stdout/stderr). Same format, same planner, no helper processes.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir: Path):
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_state = mcore_to_pyt_state_dict(state, False)
+            planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor deprecation
+                dcp.save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                         planner=planner)
+
+    return SyncTorchDistSaveStrategy("torch_dist", 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_ernie.conversion.convert import ASSETS, INFO
-from megatron_ernie.conversion.mcore_format import McoreCheckpoint
+from megatron_ernie.conversion.mcore_format import McoreCheckpoint, sync_save_strategy
 from megatron_ernie.conversion.safetensors_io import CheckpointError
 from megatron_ernie.runtime.atomic import publish, temp_sibling
 
@@ -107,7 +107,7 @@ def save_model_checkpoint(model, out_dir: str | Path, overwrite: bool = False, e
     if _is_dist():
         torch.distributed.broadcast_object_list(names, src=0)
     tmp = Path(names[0])
-    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp))
+    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp), sharded_strategy=sync_save_strategy())
     _barrier()
     if _rank() == 0:
         if args is not None:

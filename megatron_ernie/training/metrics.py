@@ -8,16 +8,24 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: str | Path, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
+        """`resume_step`: continue a run resumed after that step: earlier rows are kept (and
+        plotted), rows of the steps being redone are dropped."""
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.history: list[dict] = []
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.out_dir / "metrics.jsonl", "w")
+            path = self.out_dir / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                self.history = [r for r in _read_jsonl(path) if r.get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, path)
+            self._jsonl = open(path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def log(self, step: int, **values: float) -> None:
         row = {"step": step, **values}
@@ -35,6 +43,16 @@ class MetricsWriter:
         self._jsonl.close()
         self._tb.close()
         return plot_curves(self.history, curves, self.out_dir / "curves.png")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: what follows is not trusted
+    return rows
 
 
 def plot_curves(history: list[dict], keys: tuple[str, ...], path: Path) -> Path:

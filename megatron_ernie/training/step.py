@@ -89,6 +89,7 @@ class StepResult:
     grad_norm: float
     num_tokens: int
     update_successful: bool
+    extra: dict | None = None  # what `on_before_bias_update` returned (e.g. expert loads)
 
 
 def _reduce_report(losses: list[dict]) -> tuple[float, int]:
@@ -105,8 +106,12 @@ def _reduce_report(losses: list[dict]) -> tuple[float, int]:
 
 
 def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step) -> StepResult:
-    """One global-batch step: forward/backward over this rank's microbatches, then update."""
+               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step,
+               on_before_bias_update: Callable | None = None) -> StepResult:
+    """One global-batch step: forward/backward over this rank's microbatches, then update.
+
+    `on_before_bias_update(model_chunks)` runs after the optimizer step while the routers'
+    expert-load counts of this batch are still there; its result is `StepResult.extra`."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -120,6 +125,8 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, n
         forward_only=False,
     )
     success, grad_norm, _ = optimizer.step()
+    extra = on_before_bias_update(model_chunks) if on_before_bias_update else None
     update_expert_bias(model_chunks)
     loss, tokens = _reduce_report(losses)
-    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), num_tokens=tokens, update_successful=bool(success))
+    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), num_tokens=tokens, update_successful=bool(success),
+                      extra=extra)

@@ -115,7 +115,7 @@ class ErnieRouter(TopKRouter):
             probs = self.attach_and_log_load_balancing_loss(
                 probs, self.orthogonal_loss_coeff, loss, "router_orthogonal_loss", self.tp_cp_group
             )
-        if training and self.bias_update_rate > 0:
+        if training:  # expert loads: for aux-loss-free balancing and the load metrics
             with torch.no_grad():
                 # megatron's padding_mask is True at padding positions
                 counted = routing_map if padding_mask is None else routing_map & ~padding_mask[:, None]
@@ -131,13 +131,38 @@ def ernie_routers(model_chunks: Iterable[torch.nn.Module]) -> list[ErnieRouter]:
 def update_expert_bias(model_chunks: Iterable[torch.nn.Module]) -> int:
     """Aux-loss-free balancing step, once per optimizer step (after the global batch):
     bias += rate * sign(mean_load - load), loads summed over TP×DP×CP. Returns routers updated."""
-    routers = [r for r in ernie_routers(model_chunks) if r.bias_update_rate > 0]
+    everyone = ernie_routers(model_chunks)
+    routers = [r for r in everyone if r.bias_update_rate > 0]
     if not routers:
+        for router in everyone:
+            router.local_tokens_per_expert.zero_()
         return 0
     counts = torch.stack([r.local_tokens_per_expert for r in routers])
     biases = torch.stack([r.e_score_correction_bias for r in routers])
     updated = get_updated_expert_bias(counts, biases, routers[0].bias_update_rate)
     for router, bias in zip(routers, updated):
         router.e_score_correction_bias.copy_(bias)
+    for router in everyone:
         router.local_tokens_per_expert.zero_()
     return len(routers)
+
+
+@torch.no_grad()
+def expert_load_balance(model_chunks: Iterable[torch.nn.Module]) -> dict[int, float]:
+    """Per MoE layer (global 0-based index): max expert load / mean expert load over this global
+    batch (1.0 = perfectly balanced), summed over TP×DP×CP and gathered over pipeline stages.
+    Call after the forward/backward passes and before `update_expert_bias` (which resets counts)."""
+    from megatron.core import parallel_state as ps
+
+    routers = ernie_routers(model_chunks)
+    local: dict[int, float] = {}
+    if routers:
+        counts = torch.stack([r.local_tokens_per_expert for r in routers]).clone()
+        torch.distributed.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        ratios = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        local = {int(r.layer_number) - 1: float(x) for r, x in zip(routers, ratios)}
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        gathered = [None] * ps.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
+        local = {k: v for part in gathered for k, v in part.items()}
+    return dict(sorted(local.items()))

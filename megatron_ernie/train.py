@@ -1,0 +1,79 @@
+"""One entry point for every stage and pipeline:
+
+    python -m megatron_ernie.train recipe=sft model=ernie45_tiny_moe parallel.tp=2 train.steps=200
+    torchrun --nproc-per-node 2 -m megatron_ernie.train recipe=sft parallel.tp=2
+    python -m megatron_ernie.train recipe=demo          # a pipeline recipe: its stages in order
+
+Arguments are Hydra overrides of `recipes/` (see recipes/README.md); unknown keys and wrong
+types are refused with the key named. A pipeline runs its stages in order, each starting from the
+previous stage's final checkpoint, each in `<out_dir>/<NN>_<name>`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from megatron_ernie.training.config import ConfigError, RunConfig, compose
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("0", "")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from megatron_ernie.conversion.safetensors_io import CheckpointError
+    from megatron_ernie.data.chat import ChatFormatError
+    from megatron_ernie.data.sft import DataError
+    from megatron_ernie.models.ernie.args import ConfigError as ModelConfigError
+    from megatron_ernie.models.ernie.hf_adapter import WeightError
+    from megatron_ernie.runtime.layout import LayoutError
+
+    return (ConfigError, DataError, ChatFormatError, ModelConfigError, LayoutError, CheckpointError, WeightError,
+            FileNotFoundError)
+
+
+def run_pipeline(cfg: RunConfig, cli: list[str], progress: bool = True) -> list:
+    """Stages of a pipeline recipe; CLI overrides apply to every stage (and win)."""
+    from megatron_ernie.training.loop import run
+
+    results, previous = [], None
+    passthrough = [o for o in cli if not o.startswith("recipe=")]
+    for i, step in enumerate(cfg.pipeline):
+        overrides = [f"recipe={step.recipe}", *step.overrides, *passthrough]
+        stage_cfg = compose(overrides)
+        stage_cfg.out_dir = str(Path(cfg.out_dir) / f"{i:02d}_{stage_cfg.name}")
+        if previous is not None and not any(o.startswith("model.init_from=") for o in passthrough):
+            stage_cfg.model.init_from = str(previous)
+        result = run(stage_cfg, progress=progress)
+        results.append(result)
+        previous = result.checkpoint
+    return results
+
+
+def main(argv: list[str] | None = None, progress: bool = True) -> list:
+    from megatron_ernie.runtime import shutdown
+    from megatron_ernie.training.loop import run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return []
+    try:
+        cfg = compose(argv)
+        results = run_pipeline(cfg, argv, progress) if cfg.pipeline else [run(cfg, progress=progress)]
+    except _user_errors() as e:  # bad recipe, data, layout or checkpoint: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if _is_rank_zero():
+        for r in results:
+            losses = list(r.losses.values())
+            trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; " if losses else ""
+            print(f"{r.out_dir}: {trend}checkpoint {r.checkpoint}; curves {r.curves or '(written by the last rank)'}")
+    shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The typed run configuration, composed by Hydra from `recipes/` plus command-line overrides.
+
+    python -m megatron_ernie.train recipe=sft model=ernie45_tiny_moe parallel.tp=2 train.steps=200
+
+`recipes/config.yaml` picks a recipe (a stage, or a pipeline of stages) and a model; every value
+is then checked against the dataclasses below, so an unknown key or a wrong type fails with the
+key's full name before anything starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used, with the key named."""
+
+
+class Stage(str, Enum):
+    sft = "sft"
+
+
+class Decay(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class LossOn(str, Enum):
+    all_assistant = "all_assistant"
+    last_assistant = "last_assistant"
+
+
+class OptimFormat(str, Enum):
+    fully_reshardable = "fully_reshardable"  # distributed optimizer state loads at any layout
+    dp_reshardable = "dp_reshardable"  # no gather at save; only the DP size may change
+
+
+class DType(str, Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+@dataclass
+class ModelCfg:
+    preset: str = "ernie45_tiny_moe"
+    hf_config: Optional[str] = None  # an HF config.json or model dir: its shape replaces the preset's
+    init_from: Optional[str] = None  # HF dir or Megatron checkpoint (detected); None: random init
+    dtype: DType = DType.auto
+    moe_aux_loss_coeff: Optional[float] = None  # None: the preset's value
+    moe_orthogonal_loss_coeff: Optional[float] = None
+    moe_bias_update_rate: Optional[float] = None
+
+
+@dataclass
+class ParallelCfg:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    sequence_parallel: Optional[bool] = None  # None: on when tp > 1
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: Decay = Decay.cosine
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class DataCfg:
+    path: Optional[str] = None  # JSONL file(s), comma separated; None: the bundled demo data
+    tokenizer: Optional[str] = None  # None: the init_from HF dir's, else the bundled demo tokenizer
+    seq_length: int = 512
+    pack: bool = True
+    overlong: Overlong = Overlong.truncate
+    empty_think_for_non_thinking: bool = True
+    loss_on: LossOn = LossOn.all_assistant
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seed: int = 1234
+    log_interval: int = 10
+
+
+@dataclass
+class CheckpointCfg:
+    interval: int = 50  # save every N steps (and at the end)
+    keep_last: int = 2
+    resume: bool = True  # pick up the latest complete checkpoint in out_dir by itself
+    optim_format: OptimFormat = field(default_factory=lambda: OptimFormat.fully_reshardable)
+
+
+@dataclass
+class PipelineStep:
+    recipe: str = "sft"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    stage: Stage = Stage.sft
+    name: str = "sft"
+    out_dir: str = "runs/${name}"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    # a pipeline recipe runs these stages in order, each starting from the previous one's output
+    pipeline: list[PipelineStep] = field(default_factory=list)
+
+
+def recipes_dir() -> Path:
+    """`$MEGATRON_ERNIE_RECIPES`, else the repository's `recipes/`."""
+    env = os.environ.get("MEGATRON_ERNIE_RECIPES")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
+    if not (path / "config.yaml").exists():
+        raise ConfigError(f"{path}: no recipes here (config.yaml missing); set MEGATRON_ERNIE_RECIPES")
+    return path
+
+
+def compose(overrides: list[str], config_dir: Path | None = None) -> RunConfig:
+    """Hydra composition of `recipes/` + overrides, validated against `RunConfig`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from hydra.core.config_store import ConfigStore
+
+    config_dir = config_dir or recipes_dir()
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)  # config.yaml's first default
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(config_dir)):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except HydraException as e:
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+        raise ConfigError(f"{config_dir}: {str(e).splitlines()[0]}{cause}") from None
+    # a plain container: merging it into the schema rejects keys Hydra let through with '+'
+    return validate(OmegaConf.to_container(raw, resolve=False), str(config_dir))
+
+
+def validate(raw: DictConfig | dict, source: str = "<config>") -> RunConfig:
+    """Merge into the schema: unknown keys and wrong types are errors naming the full key."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {msg}" + (f" (key: {key})" if key else "")) from None
+    _check_values(obj)
+    return obj
+
+
+def _check_values(cfg: RunConfig) -> None:
+    checks = [
+        ("train.steps", cfg.train.steps > 0, "must be > 0"),
+        ("train.global_batch_size", cfg.train.global_batch_size > 0, "must be > 0"),
+        ("train.micro_batch_size", cfg.train.micro_batch_size > 0, "must be > 0"),
+        ("data.seq_length", cfg.data.seq_length > 1, "must be > 1"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
+        ("checkpoint.interval", cfg.checkpoint.interval >= 1, "must be >= 1"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
