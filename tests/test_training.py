@@ -90,7 +90,8 @@ def test_bad_data_or_override_fails_clearly_and_keeps_what_was_written(straight,
 
 # --- same recipe, different layouts ---------------------------------------------------------------
 LAYOUTS = {"single": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
-           "dp2": (2, ["parallel.distributed_optimizer=true"])}
+           "dp2": (2, ["parallel.distributed_optimizer=true"]),
+           "from_mcore": (1, ["model.init_from={workdir}/mc"])}  # the HF weights converted to Megatron
 
 
 def run_layouts(rank: int, world: int, names: list[str], workdir: Path) -> None:
@@ -98,7 +99,8 @@ def run_layouts(rank: int, world: int, names: list[str], workdir: Path) -> None:
 
     for name in names:
         cfg = compose([*QUICK, "train.steps=3", "optim.eps=1e-6", f"model.init_from={workdir / 'hf'}",
-                       f"out_dir={workdir / name}", "checkpoint.interval=100", *LAYOUTS[name][1]])
+                       f"out_dir={workdir / name}", "checkpoint.interval=100",
+                       *(o.format(workdir=workdir) for o in LAYOUTS[name][1])])
         result = run(cfg, progress=False)
         if rank == world - 1:
             torch.save(result.losses, workdir / f"{name}.pt")
@@ -107,8 +109,11 @@ def run_layouts(rank: int, world: int, names: list[str], workdir: Path) -> None:
 @pytest.fixture(scope="module")
 def layout_losses(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sft_layouts")
+    from megatron_ernie.conversion.convert import hf_to_mcore
+
     save_hf_model(TEST_MOE, workdir / "hf", seed=5)
-    spawn(run_layouts, 1, ["single"], workdir)
+    hf_to_mcore(workdir / "hf", workdir / "mc", progress=False)
+    spawn(run_layouts, 1, ["single", "from_mcore"], workdir)
     spawn(run_layouts, 2, ["tp2", "pp2", "dp2"], workdir)
     return {name: torch.load(workdir / f"{name}.pt") for name in LAYOUTS}
 
@@ -119,6 +124,10 @@ def test_same_recipe_same_losses_at_any_layout(layout_losses, layout):
     assert sorted(got) == [1, 2, 3]
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), f"step {step}"
+
+
+def test_initial_weights_from_a_converted_megatron_checkpoint_equal_the_hf_ones(layout_losses):
+    assert layout_losses["from_mcore"] == layout_losses["single"]  # bit for bit
 
 
 # --- packing and the empty think block, on the model ---------------------------------------------
@@ -210,3 +219,17 @@ def test_pipeline_stage_starts_from_the_previous_stage(tmp_path):
     assert len(first) == 4 and len(second) == 2
     assert "run/00_first/checkpoints/step_00000004" in (tmp_path / "run" / "01_second" / "run_config.yaml").read_text()
     assert second[1] < first[1] - 0.05  # it did not start from scratch
+
+
+def test_packing_is_refused_where_attention_would_ignore_the_document_mask(monkeypatch):
+    """On the TE spec (GPU) a packed batch would let documents attend to each other."""
+    import megatron_ernie.models.ernie.spec as spec
+    from megatron_ernie.training.config import ConfigError
+    from megatron_ernie.training.loop import _check_packing_support
+
+    cfg = compose(QUICK)
+    _check_packing_support(cfg)  # local spec: fine
+    monkeypatch.setattr(spec, "te_available", lambda: True)
+    with pytest.raises(ConfigError, match="data.pack=true is not supported on the Transformer Engine spec"):
+        _check_packing_support(cfg)
+    _check_packing_support(compose([*QUICK, "data.pack=false"]))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
 from megatron_ernie.training.step import masked_token_loss
 
 
@@ -22,8 +20,9 @@ def build_tokenizer(cfg):
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     init = cfg.model.init_from
-    if init and (Path(init) / "tokenizer_config.json").exists():
-        return load_tokenizer(init)
+    for candidate in ([Path(init), Path(init) / "hf"] if init else []):  # HF dir, or a converted checkpoint's copy
+        if (candidate / "tokenizer_config.json").exists():
+            return load_tokenizer(candidate)
     return demo_tokenizer()
 
 
@@ -54,8 +53,3 @@ def forward_step(data_iterator, model):
     return output, partial(masked_token_loss, batch["loss_mask"])
 
 
-def per_sample_losses(model, batch: dict) -> torch.Tensor:
-    """Token NLL summed per document id (for checks: packed and unpacked must agree)."""
-    with torch.no_grad():
-        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return out.float() * batch["loss_mask"]

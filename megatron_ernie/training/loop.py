@@ -132,6 +132,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, train_step, wrap_ddp
 
     stage = stage_module(cfg.stage.value)
+    _check_packing_support(cfg)
     args = model_args(cfg)
     layout = _layout(cfg)
     env = initialize(layout, args, seed=cfg.train.seed)
@@ -196,6 +197,19 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm"))
     result.checkpoint = result.checkpoint or manager.latest()
     return result
+
+
+def _check_packing_support(cfg: RunConfig) -> None:
+    """Packed sequences are isolated per document by an explicit attention mask, which the local
+    spec's attention honours. Transformer Engine's causal attention ignores explicit masks; it
+    needs THD-format PackedSeqParams (cu_seqlens), not implemented yet: refuse rather than let
+    documents attend to each other."""
+    from megatron_ernie.models.ernie.spec import te_available
+    from megatron_ernie.training.config import ConfigError
+
+    if cfg.data.pack and te_available():
+        raise ConfigError("data.pack=true is not supported on the Transformer Engine spec yet "
+                          "(needs PackedSeqParams); run with data.pack=false")
 
 
 def _stats_line(dataset) -> str:
