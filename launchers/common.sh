@@ -6,7 +6,10 @@ set -euo pipefail
 ernie_launch() {
   : "${SLURM_JOB_NODELIST:?run this under sbatch/salloc}"
   local master nnodes gpus overrides
-  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  local hosts
+  # read the whole list (a `| head -n 1` would SIGPIPE scontrol, fatal under pipefail)
+  mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  master=${hosts[0]:?no hosts in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST}
   nnodes=${SLURM_NNODES:-1}
   gpus=${ERNIE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
   overrides=$(printf ' %q' "$@")  # keep spaces and quotes of each override intact through srun

@@ -1,7 +1,6 @@
 """Presets, HF config.json translation, layout validation and launch-variable parsing."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +153,6 @@ def test_interrupted_conversion_leaves_no_complete_looking_checkpoint(hf_pair, t
     """kill -9 in the middle of writing: only a hidden temporary directory remains."""
     out = tmp_path / "mc"
     script = f"""
-import time
 import megatron_ernie.conversion.safetensors_io as io
 from megatron_ernie.conversion.convert import hf_to_mcore
 real, n = io.read_tensor, [0]

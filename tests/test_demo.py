@@ -26,7 +26,7 @@ def test_demo_learns_and_writes_metrics_curves_and_checkpoints(tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
     assert any((run / "tensorboard").iterdir())
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000060"
-    assert f"checkpoint run/00_sft/checkpoints/step_00000060; curves run/00_sft/curves.png" in stdout
+    assert "checkpoint run/00_sft/checkpoints/step_00000060; curves run/00_sft/curves.png" in stdout
 
 
 def test_demo_under_torchrun_with_expert_parallelism(tmp_path):

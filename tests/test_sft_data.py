@@ -12,8 +12,9 @@ import torch
 from megatron_ernie.data.chat import EMPTY_THINK, RenderedSample, prompt_ids, render_messages
 from megatron_ernie.data.sft import (
     DataError, GlobalBatches, SFTDataset, block_causal_mask, bundled_sft_path, collate,
-    generate_demo_samples, load_samples, render_sample,
+    load_samples, render_sample,
 )
+from megatron_ernie.data.demo_data import generate_demo_samples
 from megatron_ernie.data.tokenizer import build_demo_tokenizer, demo_tokenizer, load_tokenizer
 
 BOS, EOS = "<|begin_of_sentence|>", "<|end_of_sentence|>"
