@@ -5,11 +5,12 @@ experts, vocab 103424, bf16) with fewer layers (default 3: one dense, two MoE �
 HF-style shards. Every phase runs in its own process, so each peak RSS (ru_maxrss) is that
 phase's alone, interpreter and imports included.
 
-Baseline (same invocation): a plain read of the same files, every tensor read into memory. Before the baseline
-and before each conversion, its input files are evicted from the page cache
-(posix_fadvise DONTNEED), so every phase reads from storage, as a conversion of a checkpoint
-larger than RAM does, and the disk is given a few seconds to finish the previous phase's writes. Conversions fsync what they write (the atomic rename needs durable
-files); the plain read writes nothing.
+Baseline (same invocation): a plain read of the same files, every tensor read into memory.
+Before the baseline and before each conversion, its input files are evicted from the page cache
+(posix_fadvise DONTNEED), so every phase reads from storage as a conversion of a checkpoint larger
+than RAM does, and the disk gets 20 s to finish the previous phase's writes (this VM's disk stays
+slow for a while after a multi-GB write, even once fsync returned). Conversions fsync what they
+write (the atomic rename needs durable files); the plain read writes nothing.
 
 Last line: ratio_convert_over_read=<slower direction's time / plain read> peak_rss_over_shard=
 <largest peak RSS of the two conversions / largest shard>. Targets: ≤ 3 and ≤ 1.5.
@@ -97,10 +98,9 @@ def _phase_verify(workdir: Path) -> dict:
     return {"tensors": len(a.keys())}
 
 
-def evict(paths, settle_s: float = 5.0) -> None:
+def evict(paths, settle_s: float = 20.0) -> None:
     """Drop files from the page cache (flushing them first), so that the next read hits storage,
-    then let the disk finish the previous phase's writes (this VM's disk stays slow for seconds
-    after a multi-GB write even once fsync returned), so each phase is timed on a quiet disk."""
+    then let the disk settle, so that each phase is timed on a quiet disk."""
     import os
 
     os.sync()
