@@ -219,6 +219,8 @@ def test_pipeline_stage_starts_from_the_previous_stage(tmp_path):
     assert len(first) == 4 and len(second) == 2
     assert "run/00_first/checkpoints/step_00000004" in (tmp_path / "run" / "01_second" / "run_config.yaml").read_text()
     assert second[1] < first[1] - 0.05  # it did not start from scratch
+    # the checkpoint carries the tokenizer: the next stage (and an HF export) use the same one
+    assert (tmp_path / "run" / "00_first" / "checkpoints" / "step_00000004" / "hf" / "tokenizer_config.json").exists()
 
 
 def test_packing_is_refused_where_attention_would_ignore_the_document_mask(monkeypatch):
@@ -233,3 +235,18 @@ def test_packing_is_refused_where_attention_would_ignore_the_document_mask(monke
     with pytest.raises(ConfigError, match="data.pack=true is not supported on the Transformer Engine spec"):
         _check_packing_support(cfg)
     _check_packing_support(compose([*QUICK, "data.pack=false"]))
+
+
+def test_trained_checkpoint_exports_to_a_loadable_hf_model_with_its_tokenizer(straight, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_ernie.conversion.convert import mcore_to_hf
+
+    mcore_to_hf(straight / "checkpoints" / "step_00000006", tmp_path / "hf", progress=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = tok("User: What is 2 + 3?\nAssistant: ", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert tok.convert_tokens_to_ids("<think>") == 3 and tok.eos_token_id == 2

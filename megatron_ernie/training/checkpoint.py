@@ -110,8 +110,11 @@ class CheckpointManager:
 
     # --- saving ---
     def save(self, step: int, model, optimizer, scheduler, consumed_samples: int, hf_config: dict | None = None,
-             run_config: str | None = None) -> Path:
-        """Collective. Returns the published checkpoint directory."""
+             run_config: str | None = None, tokenizer=None) -> Path:
+        """Collective. Returns the published checkpoint directory.
+
+        `hf_config` and `tokenizer` go to `hf/`: the next pipeline stage and `mcore_to_hf` find the
+        model's shape and its tokenizer there."""
         from megatron.core import dist_checkpointing
 
         target = self.root / f"step_{step:08d}"
@@ -137,8 +140,10 @@ class CheckpointManager:
         _barrier()
         maybe_fail(f"checkpoint_written:{step}")  # crash tests: every shard written, nothing published
         if _rank() == 0:
+            (tmp / ASSETS).mkdir(exist_ok=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / ASSETS))
             if hf_config is not None:
-                (tmp / ASSETS).mkdir(exist_ok=True)
                 (tmp / ASSETS / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
             if run_config is not None:
                 (tmp / "run_config.yaml").write_text(run_config)

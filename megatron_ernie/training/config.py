@@ -104,7 +104,6 @@ class TrainCfg:
     global_batch_size: int = 8
     micro_batch_size: int = 1
     seed: int = 1234
-    log_interval: int = 10
 
 
 @dataclass

@@ -191,7 +191,8 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         bar.set_postfix(loss=f"{step_result.loss:.4f}")
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
             result.checkpoint = manager.save(step, ddp, optimizer, scheduler, batches.consumed_samples,
-                                             hf_config=to_hf_config(args), run_config=to_yaml(cfg))
+                                             hf_config=to_hf_config(args), run_config=to_yaml(cfg),
+                                             tokenizer=tokenizer)
         maybe_fail(f"after_step:{step}")  # crash tests: a kill -9 between steps
     bar.close()
     result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm"))
