@@ -34,3 +34,21 @@ def test_initialize_from_slurm_variables(tmp_path):
     assert [g["rank"] for g in got] == [0, 1]
     assert all(g["world"] == 2 and g["sum"] == 3.0 and g["backend"] == "gloo" for g in got)
     assert sorted(g["ep_rank"] for g in got) == [0, 1]
+
+
+def test_one_process_object_gather_starts_no_threads(world1):
+    """CPU shim 9: a one-member all_gather_object must not run on gloo's worker threads (their
+    OpenMP pools made every later CPU op ~2x slower)."""
+    import os
+
+    import torch
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    big = {"metadata": list(range(200_000))}
+    before = threads()
+    out = [None]
+    torch.distributed.all_gather_object(out, big)
+    assert out[0] is big
+    assert threads() == before

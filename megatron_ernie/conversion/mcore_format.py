@@ -279,9 +279,12 @@ def sync_save_strategy():
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state = mcore_to_pyt_state_dict(state, False)
             planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
+            # one process: plan locally, nothing to gather
+            alone = not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor deprecation
+                warnings.simplefilter("ignore", UserWarning)  # "no_dist: saving in a single process"
                 dcp.save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
-                         planner=planner)
+                         planner=planner, no_dist=alone)
 
     return SyncTorchDistSaveStrategy("torch_dist", 1)

@@ -22,6 +22,7 @@ GPU is present, so nothing here ever touches a GPU run. Each shim names the fail
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -199,6 +200,26 @@ def _patch_uneven_collectives() -> None:
     dist.reduce_scatter = list_reduce_scatter
 
 
+# --- 9. object collectives of a one-member group ----------------------------------------------
+# dist_checkpointing exchanges its (large) sharded metadata with all_gather_object, also when the
+# group has one member. Gloo runs the ATen copies of that exchange on its worker threads; each
+# such thread gets its own OpenMP pool, after which libgomp sees more managed threads than CPUs
+# and throttles spin-waiting: every later CPU op of the run was ~2x slower (first seen after the
+# first checkpoint with optimizer state). For one member the result is known: no exchange.
+def _patch_single_member_object_collectives() -> None:
+    dist = torch.distributed
+    original = dist.all_gather_object
+
+    @functools.wraps(original)
+    def all_gather_object(object_list, obj, group=None):
+        if dist.get_world_size(group) == 1:
+            object_list[0] = obj
+            return None
+        return original(object_list, obj, group=group)
+
+    dist.all_gather_object = all_gather_object
+
+
 # --- 6. cuda devices -> cpu ------------------------------------------------------------------
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -244,6 +265,7 @@ def apply() -> bool:
         _patch_torch_cuda()
         _patch_megatron_modules()
         _patch_uneven_collectives()
+        _patch_single_member_object_collectives()
         _APPLIED = True
         log.info("megatron-core CPU compatibility shims applied")
     return True
