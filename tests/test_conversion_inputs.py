@@ -347,3 +347,31 @@ def test_prefetch_keeps_order_bounds_memory_and_reraises():
 
     with pytest.raises(OSError, match="disk gone"):
         list(prefetch(broken(), size_of=lambda t: t.nbytes))
+
+
+def test_megatron_stacked_layer_checkpoint_exports_bit_exact(hf_pair, world1, tmp_path):
+    """Megatron-Core's own default for models of identical layers (dense): every layer's tensor is
+    one slice of a leading layer axis (`decoder.layers.self_attention.linear_qkv.weight`)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ernie.conversion.mcore_format import sync_save_strategy
+    from megatron_ernie.conversion.mcore_model import load_model_checkpoint
+    from megatron_ernie.models.ernie import from_hf_config, to_hf_config
+    from megatron_ernie.models.ernie.model import build_model
+    from megatron_ernie.runtime import ParallelLayout, initialize
+
+    args = from_hf_config(hf_pair / "dense")
+    hf_to_mcore(hf_pair / "dense", tmp_path / "mc", progress=False)
+    initialize(ParallelLayout(), args, environ={"RANK": "0", "WORLD_SIZE": "1"})
+    model = build_model(args)
+    load_model_checkpoint(model, tmp_path / "mc")
+    stacked = tmp_path / "stacked"
+    stacked.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(stacked), sharded_strategy=sync_save_strategy())
+    (stacked / "hf").mkdir()
+    (stacked / "hf" / "config.json").write_text(json.dumps(to_hf_config(args)))
+    keys = McoreCheckpoint(stacked).tensors
+    assert "decoder.layers.self_attention.linear_qkv.weight" in keys
+    assert keys["decoder.layers.self_attention.linear_qkv.weight"].size[0] == args.num_layers
+    mcore_to_hf(stacked, tmp_path / "back", progress=False)
+    assert_same_hf_tensors(hf_pair / "dense", tmp_path / "back")

@@ -215,16 +215,15 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
     with_mtp, mtp_moe = _mtp_layout(ck.tensors, args, "mtp.", "mtp.layers.{k}.transformer_layer.mlp.router.weight")
     names = canonical_names(args, with_mtp, mtp_moe)
 
-    missing = sorted({k for k, _, _ in (_expected_key_shape(n, args, mtp_moe) for n in names) if k not in ck.tensors})
+    located = {n: _locate(n, args, mtp_moe, ck) for n in names}
+    missing = sorted({loc.key for loc in located.values() if loc.key not in ck.tensors})
     if missing:
         raise CheckpointError(f"{mcore_dir}: {len(missing)} tensors of {args.name} are missing from the checkpoint: {missing[:10]}")
-    boxes, planned = {}, []
-    for name in names:
-        key, expert, shape = _expected_key_shape(name, args, mtp_moe)
-        if ck.shape(key) != shape:
-            raise CheckpointError(f"{mcore_dir}: tensor {key!r} has shape {ck.shape(key)}, the config implies {shape}")
-        boxes[name] = _box(key, expert, shape)
-        dt = dtype if dtype is not None and ck.dtype(key).is_floating_point else ck.dtype(key)
+    planned = []
+    for name, loc in located.items():
+        if ck.shape(loc.key) != loc.stored_shape:
+            raise CheckpointError(f"{mcore_dir}: tensor {loc.key!r} has shape {ck.shape(loc.key)}, the config implies {loc.stored_shape}")
+        dt = dtype if dtype is not None and ck.dtype(loc.key).is_floating_point else ck.dtype(loc.key)
         planned += [PlannedTensor(n, dt, s) for n, s in hf_shapes(name, args).items()]
 
     def hf_tensors():
@@ -233,11 +232,11 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
         size = 0
         for i, name in enumerate(names):
             batch.append(name)
-            size += _numel(boxes[name][2]) * ck.dtype(boxes[name][0]).itemsize
+            size += _numel(located[name].sizes) * ck.dtype(located[name].key).itemsize
             if size < _READ_BATCH and i + 1 < len(names):
                 continue
-            for n, t in zip(batch, ck.load_regions([boxes[n] for n in batch])):
-                full = t if _expected_key_shape(n, args, mtp_moe)[1] is None else t[0]
+            for n, t in zip(batch, ck.load_regions([located[n].box for n in batch])):
+                full = t.reshape(t.shape[located[n].lead:])  # drop the layer / expert axes
                 for hf_name, part in hf_from_canonical(n, full, args).items():
                     yield hf_name, _cast(part, dtype)
             batch, size = [], 0
@@ -271,11 +270,35 @@ def _numel(shape) -> int:
     return n
 
 
-def _box(key: str, expert: int | None, shape: tuple[int, ...]):
-    """(key, offsets, sizes) of a canonical tensor inside its stored global tensor."""
-    if expert is None:
-        return key, (0,) * len(shape), shape
-    return key, (expert,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+@dataclass(frozen=True)
+class _Located:
+    """Where a canonical tensor sits in a Megatron checkpoint: a box of a stored global tensor."""
+    key: str
+    stored_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    lead: int  # leading axes of size 1 in the box (layer and/or expert) to drop
+
+    @property
+    def box(self):
+        return self.key, self.offsets, self.sizes
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _locate(name: str, args: ErnieArgs, mtp_moe, ck: McoreCheckpoint) -> _Located:
+    """Per-layer keys (ours, and Megatron's for MoE models); else Megatron's format for models
+    of identical layers (dense), where every layer's tensor is one slice of a leading layer axis."""
+    key, expert, _ = _expected_key_shape(name, args, mtp_moe)
+    shape = canonical_shape(name, args)
+    index, size = ((expert,), (args.num_experts,)) if expert is not None else ((), ())
+    m = _LAYER_KEY.match(key)
+    if key not in ck.tensors and m and f"decoder.layers.{m.group(2)}" in ck.tensors:
+        key = f"decoder.layers.{m.group(2)}"
+        index, size = (int(m.group(1)), *index), (args.num_layers, *size)
+    zeros = (0,) * len(shape)
+    return _Located(key, (*size, *shape), (*index, *zeros), (*(1,) * len(index), *shape), len(index))
 
 
 def _hf_layer(name: str) -> str:
