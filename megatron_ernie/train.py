@@ -3,6 +3,7 @@
     python -m megatron_ernie.train recipe=sft model=ernie45_tiny_moe parallel.tp=2 train.steps=200
     torchrun --nproc-per-node 2 -m megatron_ernie.train recipe=sft parallel.tp=2
     python -m megatron_ernie.train recipe=demo          # a pipeline recipe: its stages in order
+    python -m megatron_ernie.train --show recipe=sft    # print the composed, validated config; run nothing
 
 Arguments are Hydra overrides of `recipes/` (see recipes/README.md); unknown keys and wrong
 types are refused with the key named. A pipeline runs its stages in order, each starting from the
@@ -60,8 +61,15 @@ def main(argv: list[str] | None = None, progress: bool = True) -> list:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return []
+    show = "--show" in argv
+    argv = [a for a in argv if a != "--show"]
     try:
         cfg = compose(argv)
+        if show:
+            from megatron_ernie.training.config import to_yaml
+
+            print(to_yaml(cfg), end="")
+            return []
         results = run_pipeline(cfg, argv, progress) if cfg.pipeline else [run(cfg, progress=progress)]
     except _user_errors() as e:  # bad recipe, data, layout or checkpoint: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -250,3 +250,12 @@ def test_trained_checkpoint_exports_to_a_loadable_hf_model_with_its_tokenizer(st
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert tok.convert_tokens_to_ids("<think>") == 3 and tok.eos_token_id == 2
+
+
+def test_show_prints_the_validated_config_and_runs_nothing(tmp_path, capsys):
+    from megatron_ernie.train import main
+
+    assert main(["--show", "recipe=sft", "parallel.tp=2", f"out_dir={tmp_path / 'x'}"]) == []
+    out = capsys.readouterr().out
+    assert "tp: 2" in out and "stage: sft" in out and "preset: ernie45_tiny_moe" in out
+    assert not (tmp_path / "x").exists()
