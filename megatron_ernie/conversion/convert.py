@@ -30,6 +30,7 @@ from megatron_ernie.conversion.safetensors_io import (
     PlannedTensor,
     SafetensorsCheckpoint,
     StreamingSafetensorsWriter,
+    nbytes,
 )
 from megatron_ernie.models.ernie.args import ErnieArgs, from_hf_config
 from megatron_ernie.models.ernie.hf_adapter import (
@@ -232,7 +233,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
         size = 0
         for i, name in enumerate(names):
             batch.append(name)
-            size += _numel(located[name].sizes) * ck.dtype(located[name].key).itemsize
+            size += nbytes(located[name].sizes, ck.dtype(located[name].key))
             if size < _READ_BATCH and i + 1 < len(names):
                 continue
             for n, t in zip(batch, ck.load_regions([located[n].box for n in batch])):
@@ -261,13 +262,6 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
 
 
 _READ_BATCH = 128 * 2**20
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @dataclass(frozen=True)

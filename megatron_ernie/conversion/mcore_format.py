@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ernie.conversion.prefetch import prefetch
-from megatron_ernie.conversion.safetensors_io import CheckpointError, WriteBehind
+from megatron_ernie.conversion.safetensors_io import CheckpointError, WriteBehind, nbytes
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -55,10 +55,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.shape, self.dtype)
 
 
 class _LazySavePlanner(DefaultSavePlanner):
@@ -255,9 +252,6 @@ class McoreCheckpoint:
             raise CheckpointError(f"{self.root}: reading {names[:3]}{'...' if len(names) > 3 else ''} failed: {e}") from None
         return targets
 
-    def common(self) -> dict:
-        path = self.root / COMMON_FILE
-        return torch.load(path, weights_only=False) if path.exists() else {}
 
 
 def sync_save_strategy():

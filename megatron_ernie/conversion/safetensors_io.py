@@ -30,6 +30,14 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
+def nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of `shape` and `dtype` (without making one)."""
+    n = dtype.itemsize
+    for size in shape:
+        n *= size
+    return n
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written as asked; the message names file and tensor."""
 
@@ -75,11 +83,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict]:
             b, e = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if e - b != numel * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} spans {e - b} bytes, its shape {shape} needs {numel * dtype.itemsize}")
+        if e - b != nbytes(shape, dtype):
+            raise CheckpointError(f"{path}: tensor {name!r} spans {e - b} bytes, its shape {shape} needs {nbytes(shape, dtype)}")
         if start + e > size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {start + e}, file has {size}"
@@ -177,10 +182,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.shape, self.dtype)
 
 
 def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

@@ -22,7 +22,6 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss (this process's run)
     checkpoint: Path | None = None
     curves: Path | None = None
-    data_stats: dict = field(default_factory=dict)
 
 
 def stage_module(name: str):
@@ -170,7 +169,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         where = f"resumed at step {state.step} from {resume_from}" if resume_from else f"weights: {init}"
         print(f"[{cfg.name}] {args.name} tp={layout.tp} pp={layout.pp} ep={layout.ep} dp={dp}; {len(dataset)} "
               f"sequences ({_stats_line(dataset)}); {where}", flush=True)
-    result = RunResult(out_dir=out, data_stats=dict(getattr(dataset, "stats", {})))
+    result = RunResult(out_dir=out)
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not (is_logger and progress), desc=cfg.name)
     per_rank = gbs // dp
     for step in range(state.step + 1, cfg.train.steps + 1):
