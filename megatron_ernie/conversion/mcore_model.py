@@ -16,7 +16,9 @@ import torch
 from megatron_ernie.conversion.convert import ASSETS, INFO
 from megatron_ernie.conversion.mcore_format import McoreCheckpoint, sync_save_strategy
 from megatron_ernie.conversion.safetensors_io import CheckpointError
+from megatron_ernie.models.ernie.hf_adapter import unwrap_model
 from megatron_ernie.runtime.atomic import publish, temp_sibling
+from megatron_ernie.runtime.distributed import barrier, rank
 
 
 # One key per layer for every model (Megatron-Core stacks the layers of a homogeneous, e.g.
@@ -26,36 +28,13 @@ SHARDED_METADATA = {"non_homogeneous_layers": True}
 
 def model_sharded_state_dict(model) -> dict:
     """This rank's sharded state dict in the layout our checkpoints use."""
-    return _unwrap(model).sharded_state_dict(metadata=dict(SHARDED_METADATA))
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _is_dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _is_dist() else 0
-
-
-def _barrier() -> None:
-    if _is_dist():
-        torch.distributed.barrier()
+    return unwrap_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA))
 
 
 def _sharded_keys(value) -> list[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    if isinstance(value, ShardedTensor):
-        return [value.key]
-    if isinstance(value, ShardedTensorFactory):
-        return [value.key]
-    return []
+    return [value.key] if isinstance(value, (ShardedTensor, ShardedTensorFactory)) else []
 
 
 def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
@@ -67,7 +46,7 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     ck = McoreCheckpoint(ckpt_dir)
     objects = {k for k, v in ck.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
-    module = _unwrap(model)
+    module = unwrap_model(model)
     request, skipped = {}, []
     for name, value in model_sharded_state_dict(module).items():
         if isinstance(value, ShardedObject) and value.unique_key not in objects:
@@ -85,37 +64,53 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
         raise CheckpointError(f"{ckpt_dir}: state mismatch after load: missing {absent[:10]}, unexpected {result.unexpected_keys[:10]}")
 
 
+def save_sharded(state: dict, target: Path, overwrite: bool = False, finish=None, fault_point: str | None = None) -> Path:
+    """Collective: every rank writes `state` (Megatron sharded state dict) into one hidden
+    temporary sibling of `target`; then rank 0 runs `finish(tmp)` (extra files) and renames it
+    to `target`. A process killed before the rename leaves `target` as it was."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ernie.runtime.faults import maybe_fail
+
+    target = Path(target)
+    names = [None]
+    if rank() == 0:
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(target)
+        tmp.mkdir()
+        names = [str(tmp)]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
+    barrier()
+    if fault_point:
+        maybe_fail(fault_point)  # crash tests: every shard written, nothing published
+    if rank() == 0:
+        if finish is not None:
+            finish(tmp)
+        publish(tmp, target, overwrite)
+    barrier()
+    return target
+
+
 def save_model_checkpoint(model, out_dir: str | Path, overwrite: bool = False, extra_common: dict | None = None) -> Path:
     """Collective: write `model` (all ranks' shards) to `out_dir`, atomically.
 
     The directory also gets `hf/config.json` so that `mcore_to_hf` needs no other input.
     """
-    from megatron.core import dist_checkpointing
-
     from megatron_ernie.models.ernie.args import to_hf_config
 
-    out_dir = Path(out_dir)
-    args = getattr(_unwrap(model), "ernie_args", None)
-    names = [None]
-    if _rank() == 0:
-        if out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{out_dir} already exists")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(out_dir)
-        tmp.mkdir()
-        names = [str(tmp)]
-    if _is_dist():
-        torch.distributed.broadcast_object_list(names, src=0)
-    tmp = Path(names[0])
-    dist_checkpointing.save(model_sharded_state_dict(model), str(tmp), sharded_strategy=sync_save_strategy())
-    _barrier()
-    if _rank() == 0:
+    args = getattr(unwrap_model(model), "ernie_args", None)
+
+    def finish(tmp: Path) -> None:
         if args is not None:
             (tmp / ASSETS).mkdir(exist_ok=True)
             (tmp / ASSETS / "config.json").write_text(json.dumps(to_hf_config(args), indent=2) + "\n")
         info = {"format": "megatron-core dist_checkpointing (torch_dist)", "model": getattr(args, "name", None)}
         info.update(extra_common or {})
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        publish(tmp, out_dir, overwrite)
-    _barrier()
-    return out_dir
+
+    return save_sharded(model_sharded_state_dict(model), Path(out_dir), overwrite, finish)

@@ -102,3 +102,17 @@ def shutdown(destroy_process_group: bool = True) -> None:
         ps.destroy_model_parallel()
     if destroy_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

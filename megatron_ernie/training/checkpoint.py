@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from megatron_ernie.conversion.convert import ASSETS
-from megatron_ernie.conversion.mcore_format import sync_save_strategy
-from megatron_ernie.conversion.mcore_model import model_sharded_state_dict
-from megatron_ernie.runtime.atomic import TMP_MARK, publish, temp_sibling
-from megatron_ernie.runtime.faults import maybe_fail
+from megatron_ernie.conversion.mcore_model import model_sharded_state_dict, save_sharded
+from megatron_ernie.models.ernie.hf_adapter import unwrap_model
+from megatron_ernie.runtime.atomic import TMP_MARK
+from megatron_ernie.runtime.distributed import barrier, rank, world_size
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -40,19 +40,6 @@ OPTIM_FORMATS = ("fully_reshardable", "dp_reshardable")
 class TrainerState:
     step: int
     consumed_samples: int
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _rng_state() -> dict:
@@ -79,7 +66,7 @@ def _rng_object(data):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     # one object per global rank: restored only when the world size matches
-    return ShardedObject("rng_state", data, (_world(),), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", data, (world_size(),), (rank(),), replica_id=0)
 
 
 class CheckpointManager:
@@ -115,18 +102,7 @@ class CheckpointManager:
 
         `hf_config` and `tokenizer` go to `hf/`: the next pipeline stage and `mcore_to_hf` find the
         model's shape and its tokenizer there."""
-        from megatron.core import dist_checkpointing
-
         target = self.root / f"step_{step:08d}"
-        names = [None]
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = temp_sibling(target)
-            tmp.mkdir()
-            names = [str(tmp)]
-        if torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(names, src=0)
-        tmp = Path(names[0])
         model_sd = model_sharded_state_dict(model)
         state = {
             "model": model_sd,
@@ -136,10 +112,8 @@ class CheckpointManager:
             "step": step,
             "consumed_samples": consumed_samples,
         }
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
-        _barrier()
-        maybe_fail(f"checkpoint_written:{step}")  # crash tests: every shard written, nothing published
-        if _rank() == 0:
+
+        def finish(tmp: Path) -> None:
             (tmp / ASSETS).mkdir(exist_ok=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / ASSETS))
@@ -148,10 +122,12 @@ class CheckpointManager:
             if run_config is not None:
                 (tmp / "run_config.yaml").write_text(run_config)
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "consumed_samples": consumed_samples}) + "\n")
-            publish(tmp, target, overwrite=True)
+
+        save_sharded(state, target, overwrite=True, finish=finish, fault_point=f"checkpoint_written:{step}")
+        if rank() == 0:  # `latest` moves only once the new checkpoint is complete under its name
             self._point_latest(target.name)
             self._prune()
-        _barrier()
+        barrier()
         return target
 
     def _point_latest(self, name: str) -> None:
@@ -177,10 +153,10 @@ class CheckpointManager:
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(self.optim_metadata)),
         }
         saved_world = _saved_world(path)
-        if saved_world == _world():
+        if saved_world == world_size():
             request["rng"] = _rng_object(None)
         state = dist_checkpointing.load(request, str(path))
-        module = model.module if hasattr(model, "module") else model
+        module = unwrap_model(model)
         result = module.load_state_dict(state["model"], strict=False)
         bad = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
         if bad:

@@ -359,20 +359,21 @@ class RankInfo:
 def rank_info(model) -> RankInfo:
     from megatron.core import parallel_state as ps
 
-    layers = getattr(_unwrap(model).decoder, "layers", [])
+    layers = getattr(unwrap_model(model).decoder, "layers", [])
     offset = layers[0].layer_number - 1 if len(layers) else 0
-    num_experts = _unwrap(model).config.num_moe_experts or 0
+    num_experts = unwrap_model(model).config.num_moe_experts or 0
     ep_rank, ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     return RankInfo(
         layer_offset=offset,
         expert_offset=ep_rank * (num_experts // ep_size) if num_experts else 0,
         tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
         etp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
-        tied=bool(getattr(_unwrap(model), "share_embeddings_and_output_weights", False)),
+        tied=bool(getattr(unwrap_model(model), "share_embeddings_and_output_weights", False)),
     )
 
 
-def _unwrap(model):
+def unwrap_model(model):
+    """The module inside DDP/Float16 wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -412,7 +413,7 @@ def shard_for_rank(full: torch.Tensor, local: torch.Tensor, name: str, info: Ran
 
 def local_tensors(model) -> Iterable[tuple[str, torch.Tensor]]:
     """(name, tensor) for every parameter and persistent buffer this rank holds."""
-    m = _unwrap(model)
+    m = unwrap_model(model)
     seen = set()
     for name, p in m.named_parameters():
         seen.add(name)
