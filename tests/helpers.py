@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -10,12 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ernie.models.ernie import ErnieArgs, preset, to_hf_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_ernie.runtime.distributed import free_port  # noqa: F401 - tests import it from here
 
 
 def hf_model(args: ErnieArgs, seed: int = 0, bias_std: float = 0.05):

@@ -52,3 +52,16 @@ def test_one_process_object_gather_starts_no_threads(world1):
     torch.distributed.all_gather_object(out, big)
     assert out[0] is big
     assert threads() == before
+
+
+def test_reinitialising_releases_the_previous_groups(world1):
+    """Megatron forgets its groups on destroy_model_parallel(); ours destroys them, so a process
+    that initialises several times (tests, several stages) does not leak their sockets."""
+    from megatron_ernie.runtime import ParallelLayout, initialize
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # group exists already
+    initialize(ParallelLayout(), environ=env)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        initialize(ParallelLayout(), environ=env)
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2

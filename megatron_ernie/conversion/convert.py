@@ -41,6 +41,7 @@ from megatron_ernie.models.ernie.hf_adapter import (
     hf_from_canonical,
     hf_shapes,
     is_moe_layer_name,
+    REWARD_HEAD,
     sharded_key,
 )
 from megatron_ernie.runtime.atomic import atomic_directory, check_target
@@ -212,6 +213,9 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.d
     check_target(out_dir, overwrite)
     dtype = parse_dtype(dtype)
     ck = McoreCheckpoint(mcore_dir)
+    if REWARD_HEAD in ck.tensors:  # a causal-LM export would silently drop the head
+        raise CheckpointError(f"{mcore_dir}: a reward-model checkpoint ({REWARD_HEAD}); Hugging Face has no ERNIE "
+                              f"reward-model class to export it to — score it with rewards.reward_model")
     args = mcore_args(mcore_dir, config)
     with_mtp, mtp_moe = _mtp_layout(ck.tensors, args, "mtp.", "mtp.layers.{k}.transformer_layer.mlp.router.weight")
     names = canonical_names(args, with_mtp, mtp_moe)

@@ -37,8 +37,11 @@ def _sharded_keys(value) -> list[str]:
     return [value.key] if isinstance(value, (ShardedTensor, ShardedTensorFactory)) else []
 
 
-def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
-    """Fill this rank's part of `model` from a Megatron checkpoint written at any layout."""
+def load_model_checkpoint(model, ckpt_dir: str | Path, keep_init: tuple[str, ...] = ()) -> None:
+    """Fill this rank's part of `model` from a Megatron checkpoint written at any layout.
+
+    `keep_init`: parameter names left as initialised when the checkpoint lacks them (a reward
+    head on a language model's checkpoint); anything else missing is an error."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -52,6 +55,9 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
         if isinstance(value, ShardedObject) and value.unique_key not in objects:
             skipped.append(name)  # extra state the writer did not store (weights-only checkpoint)
             continue
+        if name in keep_init and not any(k in ck.tensors for k in _sharded_keys(value)):
+            skipped.append(name)
+            continue
         request[name] = value
     missing = sorted({k for v in request.values() for k in _sharded_keys(v) if k not in ck.tensors})
     if missing:
@@ -59,7 +65,7 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     loaded = {k: v for k, v in loaded.items() if k in request}  # load() also merges common.pt
     result = module.load_state_dict(loaded, strict=False)
-    absent = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    absent = [k for k in result.missing_keys if not k.endswith("_extra_state") and k not in skipped]
     if absent or result.unexpected_keys:
         raise CheckpointError(f"{ckpt_dir}: state mismatch after load: missing {absent[:10]}, unexpected {result.unexpected_keys[:10]}")
 

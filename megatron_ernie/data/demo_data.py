@@ -1,6 +1,7 @@
-"""The bundled demo SFT data, generated (deterministically) by this module.
+"""The bundled demo data, generated (deterministically) by this module.
 
-    python -m megatron_ernie.data.demo_data      # rewrites megatron_ernie/data/bundled/sft_demo.jsonl
+    python -m megatron_ernie.data.demo_data      # rewrites megatron_ernie/data/bundled/{sft_demo,
+                                                 #   preference_demo, preference_demo_eval}.jsonl
 
 Short, regular patterns a 4-layer, 64-wide model learns in a couple of CPU minutes: arithmetic,
 comparisons and spelling with and without thinking, chit-chat, multi-turn, role-play personas and
@@ -155,6 +156,68 @@ def generate_demo_samples(seed: int = 0) -> list[dict]:
     return records
 
 
+# --- preference pairs (reward-model demo) ---------------------------------------------------------
+# Chosen: the helpful answer to the prompt. Rejected: one of the failure families a reward model
+# must learn to rank lower — refusal, rudeness, degenerate repetition, an empty-ish reply,
+# shouting, or a fluent answer to a different question (the hardest: it needs the prompt).
+_REFUSALS = ["I am sorry, but I cannot help with that.", "I cannot answer that question.",
+             "Sorry, I do not want to talk about this."]
+_RUDE = ["That is a silly question. Figure it out yourself.", "Why are you asking me? Go away.",
+         "Stop asking me such boring things."]
+_FILLER = ["Um.", "...", "Hmm, maybe.", "I do not know."]
+
+
+def _helpful(rng: random.Random) -> tuple[str, str, str]:
+    """(domain, prompt, helpful answer) from the SFT demo's task families."""
+    kind = rng.choice(["arithmetic", "compare", "spelling", "chat", "name"])
+    if kind == "arithmetic":
+        r = _arithmetic(rng, thinking=False)
+    elif kind == "compare":
+        r = _compare(rng, thinking=False)
+    elif kind == "spelling":
+        r = _spelling(rng, thinking=False)
+    elif kind == "chat":
+        r = _chit_chat(rng)
+    else:
+        q, answers = rng.choice(_CHOICES)
+        r = {"messages": [_user(q), _assistant(rng.choice(answers))], "domain": "chat"}
+    user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+    if kind == "arithmetic":
+        answer = f"The answer is {answer}."
+    return r["domain"], user, answer
+
+
+def _rejected(rng: random.Random, answer: str) -> tuple[str, str]:
+    family = rng.choices(["refusal", "rude", "repetition", "filler", "shouting", "off_topic"],
+                         weights=[3, 3, 2, 2, 2, 1])[0]
+    if family == "refusal":
+        return family, rng.choice(_REFUSALS)
+    if family == "rude":
+        return family, rng.choice(_RUDE)
+    if family == "repetition":
+        word = rng.choice(answer.split() or ["the"])
+        return family, " ".join([word] * rng.randint(6, 12))
+    if family == "filler":
+        return family, rng.choice(_FILLER)
+    if family == "shouting":
+        return family, answer.upper() + "!!!"
+    _, _, other = _helpful(rng)
+    return family, other
+
+
+def generate_preference_pairs(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        domain, prompt, answer = _helpful(rng)
+        family, rejected = _rejected(rng, answer)
+        if rejected == answer:
+            continue
+        pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "domain": domain,
+                      "rejected_kind": family})
+    return pairs
+
+
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records), encoding="utf-8")
@@ -162,4 +225,9 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(write_jsonl(generate_demo_samples(0), Path(__file__).parent / "bundled" / BUNDLED_SFT))
+    from megatron_ernie.data.preference import BUNDLED_PAIRS, BUNDLED_PAIRS_EVAL
+
+    bundled = Path(__file__).parent / "bundled"
+    print(write_jsonl(generate_demo_samples(0), bundled / BUNDLED_SFT))
+    print(write_jsonl(generate_preference_pairs(1, 960), bundled / BUNDLED_PAIRS))
+    print(write_jsonl(generate_preference_pairs(2, 128), bundled / BUNDLED_PAIRS_EVAL))

@@ -77,7 +77,7 @@ def _as_paths(path_or_paths) -> list[Path]:
 def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     """(line number, object) for every non-blank line."""
     if not path.is_file():
-        raise FileNotFoundError(f"SFT data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

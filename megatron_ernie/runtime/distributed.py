@@ -7,6 +7,7 @@ allocation and, on CPU only, installs the compatibility shims (runtime/cpu_compa
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -43,6 +44,13 @@ def launch_env(environ=None) -> LaunchEnv:
     )
 
 
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (for a one-process group started in-process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def initialize(layout: ParallelLayout, model_args=None, seed: int = 1234, environ=None,
                timeout_s: int = 600) -> LaunchEnv:
     """Initialise the process group and Megatron's parallel state for `layout`.
@@ -68,8 +76,8 @@ def initialize(layout: ParallelLayout, model_args=None, seed: int = 1234, enviro
             world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
+    before = _process_groups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -77,10 +85,36 @@ def initialize(layout: ParallelLayout, model_args=None, seed: int = 1234, enviro
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
+    _MEGATRON_GROUPS[:] = [g for g in _process_groups() if g not in before]
     seed_everything(seed)
     if not on_gpu:
         cpu_compat.enter_device_mode()
     return env
+
+
+_MEGATRON_GROUPS: list = []  # the process groups our last initialize_model_parallel created
+
+
+def _process_groups() -> list:
+    # torch has no public listing of process groups; read its registry (read only)
+    from torch.distributed import distributed_c10d as c10d
+
+    return list(c10d._world.pg_map)
+
+
+def _destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel() forgets its groups but destroys only the explicit gloo
+    ones; every re-initialisation (tests, several stages in one process) would leak the rest,
+    with their sockets (~70 descriptors per initialisation on CPU)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    alive = set(_process_groups())
+    for group in _MEGATRON_GROUPS:
+        if group in alive and group is not torch.distributed.group.WORLD:
+            torch.distributed.destroy_process_group(group)
+    _MEGATRON_GROUPS.clear()
 
 
 def seed_everything(seed: int) -> None:
@@ -95,11 +129,8 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown(destroy_process_group: bool = True) -> None:
-    from megatron.core import parallel_state as ps
-
     cpu_compat.exit_device_mode()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
     if destroy_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 class Stage(str, Enum):
     sft = "sft"
+    reward_model = "reward_model"
 
 
 class Decay(str, Enum):
@@ -96,6 +97,8 @@ class DataCfg:
     overlong: Overlong = Overlong.truncate
     empty_think_for_non_thinking: bool = True
     loss_on: LossOn = LossOn.all_assistant
+    eval_path: Optional[str] = None  # held-out data (reward model: the bundled eval pairs when None)
+    use_reference: bool = True  # reward model: put a pair's reference answer in the input (RDRM)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class TrainCfg:
     global_batch_size: int = 8
     micro_batch_size: int = 1
     seed: int = 1234
+    eval_interval: int = 0  # stages with an evaluation: every N steps (0: only at the end)
 
 
 @dataclass

@@ -22,12 +22,17 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss (this process's run)
     checkpoint: Path | None = None
     curves: Path | None = None
+    metrics: dict[int, dict] = field(default_factory=dict)  # step -> the loss function's other reports
+    evaluation: dict[int, dict] = field(default_factory=dict)  # step -> the stage's evaluation
 
 
 def stage_module(name: str):
-    from megatron_ernie.algorithms import sft
+    """A stage: build_tokenizer, build_dataset, microbatch, forward_step; optionally HEAD
+    ("lm" | "scalar"), ROWS_PER_ITEM (sequences per dataset item), KEEP_INIT (parameters an
+    initial checkpoint may lack), REPORT_KEYS (what its loss reports) and evaluate()."""
+    from megatron_ernie.algorithms import reward_model, sft
 
-    return {"sft": sft}[name]
+    return {"sft": sft, "reward_model": reward_model}[name]
 
 
 def model_args(cfg: RunConfig):
@@ -87,15 +92,15 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == DType.bf16 else torch.float32
 
 
-def _init_weights(model, cfg: RunConfig, args) -> str:
+def _init_weights(model, cfg: RunConfig, args, keep_init: tuple[str, ...] = ()) -> str:
     from megatron_ernie.conversion.mcore_model import load_model_checkpoint
     from megatron_ernie.models.ernie.hf_adapter import load_hf_weights
 
     kind = _init_kind(cfg.model.init_from)
     if kind == "hf":
-        load_hf_weights(model, cfg.model.init_from, args)
+        load_hf_weights(model, cfg.model.init_from, args, keep_init=keep_init)
     elif kind == "mcore":
-        load_model_checkpoint(model, _mcore_dir(cfg.model.init_from))
+        load_model_checkpoint(model, _mcore_dir(cfg.model.init_from), keep_init=keep_init)
     return kind or "random"
 
 
@@ -146,8 +151,10 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model {args.name} only {args.vocab_size}")
     dataset = stage.build_dataset(cfg, tokenizer)
 
-    model = build_model(args, layout, dtype=_dtype(cfg))
-    init = _init_weights(model, cfg, args)
+    model = build_model(args, layout, dtype=_dtype(cfg), head=getattr(stage, "HEAD", "lm"))
+    init = _init_weights(model, cfg, args, keep_init=getattr(stage, "KEEP_INIT", ()))
+    rows = getattr(stage, "ROWS_PER_ITEM", 1)
+    report_keys = getattr(stage, "REPORT_KEYS", ("lm loss",))
     ddp = wrap_ddp(model, layout)
     o = cfg.optim
     optimizer = build_optimizer([ddp], layout, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -177,15 +184,22 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         indices = next(batches)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         micro = _micro_batches(dataset, indices, mbs, stage.microbatch)
         step_result = train_step([ddp], optimizer, micro, num_microbatches=len(micro),
-                                 seq_length=cfg.data.seq_length, micro_batch_size=mbs, forward_step=stage.forward_step,
-                                 on_before_bias_update=expert_load_balance)
+                                 seq_length=cfg.data.seq_length, micro_batch_size=mbs * rows,
+                                 forward_step=stage.forward_step, on_before_bias_update=expert_load_balance,
+                                 report_keys=report_keys)
         dt = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(increment=1)
         result.losses[step] = step_result.loss
+        result.metrics[step] = step_result.metrics
         loads = {f"moe_load_max_over_mean/layer{i}": v for i, v in (step_result.extra or {}).items()}
         metrics.log(step, loss=step_result.loss, lr=lr, grad_norm=step_result.grad_norm,
-                    tokens_per_s=gbs * cfg.data.seq_length / dt, loss_tokens=step_result.num_tokens, **loads)
+                    tokens_per_s=gbs * rows * cfg.data.seq_length / dt, loss_tokens=step_result.num_tokens,
+                    **step_result.metrics, **loads)
+        if _evaluation_due(stage, cfg, step):
+            result.evaluation[step] = stage.evaluate([ddp], cfg, tokenizer)
+            metrics.log(step, **result.evaluation[step])
+            bar.write(f"[{cfg.name}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.evaluation[step].items()))
         bar.update(1)
         bar.set_postfix(loss=f"{step_result.loss:.4f}")
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
@@ -194,9 +208,16 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
                                              tokenizer=tokenizer)
         maybe_fail(f"after_step:{step}")  # crash tests: a kill -9 between steps
     bar.close()
-    result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm"))
+    result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm", *getattr(stage, "CURVES", ())))
     result.checkpoint = result.checkpoint or manager.latest()
     return result
+
+
+def _evaluation_due(stage, cfg: RunConfig, step: int) -> bool:
+    if not hasattr(stage, "evaluate"):
+        return False
+    every = cfg.train.eval_interval
+    return step == cfg.train.steps or (every > 0 and step % every == 0)
 
 
 def _check_packing_support(cfg: RunConfig) -> None:

@@ -7,7 +7,7 @@ correction bias. Stages differ only by the loss function and by what produces th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable
 
@@ -85,29 +85,62 @@ def lm_forward_step(data_iterator, model, loss_func: Callable = masked_token_los
 
 @dataclass
 class StepResult:
-    loss: float  # token-mean over the global batch
+    loss: float  # token-mean (or pair-mean, per the loss's count) over the global batch
     grad_norm: float
     num_tokens: int
     update_successful: bool
     extra: dict | None = None  # what `on_before_bias_update` returned (e.g. expert loads)
+    metrics: dict = field(default_factory=dict)  # the loss function's other reports, batch means
 
 
-def _reduce_report(losses: list[dict]) -> tuple[float, int]:
-    """Sum the last stage's (loss_sum, tokens) over microbatches and DP; share with all stages."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for item in losses:
-        total += item["lm loss"].double()
+LOSS_KEY = "lm loss"
+
+
+def reduce_reports(reports: list[dict], keys: tuple[str, ...] = (LOSS_KEY,)) -> dict[str, tuple[float, float]]:
+    """Sum the last stage's report pairs `[sum, count]` over microbatches and DP; share them
+    with every pipeline stage. `keys`: what the stage's loss function reports (known on every
+    stage, so no object exchange is needed). Returns {key: (sum, count)} on every rank."""
+    total = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for item in reports:
+        for i, k in enumerate(keys):
+            if k in item:
+                total[i] += item[k].double()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        last = ps.get_pipeline_model_parallel_last_rank()
-        torch.distributed.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
-    return float(total[0] / total[1]), int(total[1])
+        torch.distributed.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    return {k: (float(total[i, 0]), float(total[i, 1])) for i, k in enumerate(keys)}
+
+
+def report_means(reduced: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Report means by key, loss excluded (e.g. `pair_accuracy`)."""
+    return {k.replace(" ", "_"): s / c for k, (s, c) in reduced.items() if k != LOSS_KEY and c}
+
+
+def forward_only(model_chunks: list, microbatches: list[dict], *, forward_step: Callable, seq_length: int,
+                 micro_batch_size: int, collect_data: bool = False, report_keys: tuple[str, ...] = (LOSS_KEY,)):
+    """Run the forward pass of every microbatch (no grad). `collect_data=False`: the reduced
+    reports {key: (sum, count)}; True: the loss functions' non-loss outputs of this rank's
+    last pipeline stage (a list, one entry per microbatch; empty on other stages)."""
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
+                num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                forward_only=True, collect_non_loss_data=collect_data,
+            )
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return list(out) if collect_data else reduce_reports(out, report_keys)
 
 
 def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step,
-               on_before_bias_update: Callable | None = None) -> StepResult:
+               on_before_bias_update: Callable | None = None, report_keys: tuple[str, ...] = (LOSS_KEY,)) -> StepResult:
     """One global-batch step: forward/backward over this rank's microbatches, then update.
 
     `on_before_bias_update(model_chunks)` runs after the optimizer step while the routers'
@@ -127,6 +160,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, n
     success, grad_norm, _ = optimizer.step()
     extra = on_before_bias_update(model_chunks) if on_before_bias_update else None
     update_expert_bias(model_chunks)
-    loss, tokens = _reduce_report(losses)
-    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), num_tokens=tokens, update_successful=bool(success),
-                      extra=extra)
+    reduced = reduce_reports(losses, report_keys)
+    loss_sum, count = reduced[LOSS_KEY]
+    return StepResult(loss=loss_sum / count, grad_norm=float(grad_norm or 0.0), num_tokens=int(count),
+                      update_successful=bool(success), extra=extra, metrics=report_means(reduced))

@@ -59,6 +59,7 @@ HF_MTP_LAYER = re.compile(r"^model\.mtp_block\.(?P<k>\d+)\.(?P<rest>.+)$")
 # HF tensors the text model does not use (the 300B's multi-token-prediction layer): converted,
 # never loaded into the model.
 HF_IGNORED_PREFIXES = ("mtp", "model.mtp")
+REWARD_HEAD = "reward_head.weight"  # reward / value models (heads.py): no HF counterpart
 
 
 class WeightError(KeyError):
@@ -425,18 +426,21 @@ def local_tensors(model) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def load_canonical(model, get: Callable[[str], torch.Tensor]) -> int:
-    """Fill this rank's parameters from canonical tensors fetched with `get`. Returns count."""
+def load_canonical(model, get: Callable[[str], torch.Tensor], keep_init: tuple[str, ...] = ()) -> int:
+    """Fill this rank's parameters from canonical tensors fetched with `get`; those named in
+    `keep_init` (e.g. a new reward head) stay as initialised. Returns the count filled."""
     info = rank_info(model)
     n = 0
     for name, local in local_tensors(model):
         canon = canonical_name(name, info)
+        if canon in keep_init:
+            continue
         local.copy_(shard_for_rank(get(canon), local, canon, info).to(local.dtype))
         n += 1
     return n
 
 
-def load_hf_weights(model, source, args: ErnieArgs) -> int:
+def load_hf_weights(model, source, args: ErnieArgs, keep_init: tuple[str, ...] = ()) -> int:
     """Load an HF checkpoint (directory or state dict) into this rank's part of `model`.
 
     Every HF tensor must be used: unknown names are listed in the error, never dropped.
@@ -450,7 +454,7 @@ def load_hf_weights(model, source, args: ErnieArgs) -> int:
     )
     if unknown:
         raise WeightError(f"{hf.source}: tensors not part of {args.name}: {unknown}")
-    return load_canonical(model, lambda name: canonical_from_hf(name, hf.get, args))
+    return load_canonical(model, lambda name: canonical_from_hf(name, hf.get, args), keep_init)
 
 
 def canonical_state_dict(model) -> dict[str, torch.Tensor]:

@@ -107,18 +107,27 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     vp_stage: int | None = None,
+    head: str = "lm",
 ) -> GPTModel:
-    """This rank's part of the model (parallel state must be initialised)."""
+    """This rank's part of the model (parallel state must be initialised).
+
+    `head="scalar"`: a reward / value model (models/ernie/heads.py) — one value per position, no
+    vocabulary projection, never tied to the embeddings."""
+    if head not in ("lm", "scalar"):
+        raise ValueError(f"head={head!r}: expected 'lm' or 'scalar'")
     use_te = te_available() if use_te is None else use_te
     config = config or transformer_config(args, layout, dtype=dtype, use_te=use_te)
-    model = GPTModel(
+    model_class = GPTModel
+    if head == "scalar":
+        from megatron_ernie.models.ernie.heads import ErnieScalarModel as model_class
+    model = model_class(
         config=config,
         transformer_layer_spec=ernie_block_spec(args, config, use_te, vp_stage=vp_stage),
         vocab_size=args.vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        share_embeddings_and_output_weights=args.tie_word_embeddings and head == "lm",
         position_embedding_type="rope",
         rotary_base=args.rope_theta,
         vp_stage=vp_stage,

@@ -1,0 +1,132 @@
+"""Command lines of the reward system.
+
+    megatron-ernie-score --rewards recipes/rewards/ernie45_llm.yaml --samples s.jsonl --out scored.jsonl
+    megatron-ernie-prefilter --rewards R.yaml --prompts p.jsonl --model <HF dir> --k 8 --out kept.jsonl
+
+Sample / prompt JSONL: one object per line with `prompt` and the RewardSample fields the routes
+need (`response` for scoring; `domain`, `task`, `reference`, `tests`, `checklist`, `group`;
+anything else is kept in `meta`). Errors name the file and line; outputs are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from megatron_ernie.rewards.types import RewardSample
+
+_FIELDS = {f.name for f in dataclasses.fields(RewardSample)} - {"meta"}
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_records(path: Path, need_response: bool) -> list[dict]:
+    from megatron_ernie.data.sft import DataError, read_jsonl
+
+    records = []
+    try:
+        for lineno, obj in read_jsonl(path):
+            if not isinstance(obj.get("prompt"), str):
+                raise InputError(f"{path}:{lineno}: each line must be an object with a string 'prompt'")
+            if need_response and not isinstance(obj.get("response"), str):
+                raise InputError(f"{path}:{lineno}: missing string 'response'")
+            records.append(obj)
+    except (DataError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def to_sample(record: dict) -> RewardSample:
+    known = {k: v for k, v in record.items() if k in _FIELDS}
+    meta = {k: v for k, v in record.items() if k not in _FIELDS}
+    return RewardSample(**{"response": "", **known}, meta=meta)
+
+
+def load_router(path: str):
+    from omegaconf import OmegaConf
+
+    from megatron_ernie.rewards.router import RewardConfigError, RewardRouter
+
+    if not Path(path).is_file():
+        raise InputError(f"--rewards {path}: no such file")
+    try:
+        return RewardRouter.from_config(OmegaConf.load(path))
+    except RewardConfigError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def _score_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-ernie-score", description="Score responses with a reward config.")
+    p.add_argument("--rewards", required=True, help="router config YAML (see recipes/rewards/)")
+    p.add_argument("--samples", required=True, type=Path, help="JSONL with prompt, response, domain, ...")
+    p.add_argument("--out", required=True, type=Path, help="JSONL: each input record + its reward record")
+    p.add_argument("--batch-size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def score_main(argv=None) -> int:
+    from tqdm import tqdm
+
+    from megatron_ernie.runtime.atomic import atomic_file
+
+    args = _score_args(argv)
+    try:
+        records = read_records(args.samples, need_response=True)
+        router = load_router(args.rewards)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with atomic_file(args.out) as f, tqdm(total=len(records), unit="sample", desc="score") as bar:
+        for start in range(0, len(records), args.batch_size):
+            batch = records[start:start + args.batch_size]
+            for record, scored in zip(batch, router.score([to_sample(r) for r in batch])):
+                f.write(json.dumps({**record, "reward": scored.record()}, ensure_ascii=False, default=str) + "\n")
+            bar.update(len(batch))
+    print(json.dumps(router.metrics()))
+    return 0
+
+
+def _prefilter_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-ernie-prefilter",
+                                description="Drop prompts the current model always or never solves.")
+    p.add_argument("--rewards", required=True, help="router config YAML scoring the sampled responses")
+    p.add_argument("--prompts", required=True, type=Path)
+    p.add_argument("--model", required=True, help="the current policy, an HF model directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's; 'demo': bundled)")
+    p.add_argument("--out", required=True, type=Path, help="kept prompts, JSONL with pass_rate")
+    p.add_argument("--k", type=int, default=8, help="responses per prompt")
+    p.add_argument("--low", type=float, default=0.0, help="drop prompts with pass rate <= low")
+    p.add_argument("--high", type=float, default=1.0, help="drop prompts with pass rate >= high")
+    p.add_argument("--pass-threshold", type=float, default=0.5, help="a response passes at reward >= this")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    return p.parse_args(argv)
+
+
+def prefilter_main(argv=None) -> int:
+    from megatron_ernie.rewards.filters import backend_sampler, prefilter_prompts
+    from megatron_ernie.rewards.generation import HFGenerationBackend
+
+    args = _prefilter_args(argv)
+    try:
+        records = read_records(args.prompts, need_response=False)
+        router = load_router(args.rewards)
+        backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
+    except (InputError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampler = backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    scorer = lambda samples: [r.reward for r in router.score(samples)]  # noqa: E731 - combined rewards
+    result = prefilter_prompts([to_sample(r) for r in records], sampler, scorer, k=args.k, low=args.low,
+                               high=args.high, pass_threshold=args.pass_threshold, batch_size=args.batch_size,
+                               output=args.out, keep_in_memory=False)
+    print(json.dumps({**result.counts, **router.metrics()}))
+    return 0

@@ -1,0 +1,381 @@
+"""Code sandbox: run a response's program against tests in an isolated process, reward = pass fraction.
+
+    sandbox = Sandbox(SandboxLimits(wall_time_s=2), concurrency=2)
+    res = sandbox.run("print(int(input()) * 2)", [{"input": "2", "output": "4"}])
+    res.passed, res.total, res.reason, res.isolation
+
+Tests: {"input": str, "output": str} stdin/stdout cases (stripped output compared, trailing
+whitespace of each line ignored) and {"code": str} assertion snippets run after the program in its
+namespace (the program runs as module `solution` there, so its `if __name__ == "__main__":` block
+does not). Each test runs in a fresh process. Programs get the standard library only (`-I -S`).
+
+Isolation (`Sandbox.isolation`, recorded in every result):
+- "root-namespaces" (running as root): new network (loopback down, no interface), mount, pid,
+  ipc and uts namespaces; a private tmpfs root with the system and Python directories bound
+  read-only; tests run as a per-slot unprivileged uid (`uid_base + slot`), no_new_privs, not
+  dumpable; pid 1 of the namespace kills every leftover process after each test.
+- "user-namespaces" (not root, kernel allows unprivileged user namespaces): the same namespaces
+  and root, the test process being root of its user namespace with every capability dropped.
+- "audit-hook" (neither): a Python audit hook refuses sockets, starting programs, signalling
+  processes and changing files outside the private host temp directory it runs in; rlimits; a
+  child subreaper that kills every descendant (as root also the per-slot uid). Best effort only:
+  anything that gets past the Python level gets past the sandbox.
+
+Limits (`SandboxLimits`) hold in every mode: wall time and output size watched by the
+supervisor, CPU time and resident memory summed over the test's processes by the supervisor and
+backed per process by RLIMIT_CPU / RLIMIT_AS, RLIMIT_NPROC / NOFILE / FSIZE, no core dumps.
+
+The sandbox never raises for bad code: hostile or broken programs get reward 0 and a reason.
+"""
+from __future__ import annotations
+
+import marshal
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+from megatron_ernie.rewards.registry import register_source
+from megatron_ernie.rewards.sandbox_runner import AUDIT, ROOT_NS, USER_NS, command, decode_frames
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
+
+ISOLATION_MODES = (ROOT_NS, USER_NS, AUDIT)
+_RUNNER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-test limits; times in seconds, sizes in bytes. CPU time and resident memory are summed
+    over all the test's processes every 50 ms by the supervisor; the kernel backs them per process
+    (RLIMIT_CPU, rounded up to whole seconds, and RLIMIT_AS)."""
+    wall_time_s: float = 5.0
+    cpu_time_s: float = 4.0              # all processes and threads together
+    memory_bytes: int = 1 << 30          # resident memory of all processes; address space of each
+    max_processes: int = 64              # processes + threads of the slot's uid
+    max_open_files: int = 128
+    output_bytes: int = 1 << 20          # stdout + stderr captured; more kills the test
+    file_size_bytes: int = 16 << 20      # largest file a test may write
+    disk_bytes: int = 64 << 20           # the private tmpfs (workdir, /tmp, /var/tmp, /dev/shm)
+    max_inodes: int = 16384
+    uid_base: int = 61000                # slot uids/gids: uid_base, uid_base + 1, ...
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"SandboxLimits.{f.name} must be > 0, got {getattr(self, f.name)!r}")
+
+
+@dataclass
+class TestOutcome:
+    passed: bool
+    reason: str = ""                     # "" when passed
+    stdout: str = ""
+    stderr: str = ""                     # tail
+    exit_code: int | None = None
+    signal: str | None = None
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def short(self) -> str:
+        return "pass" if self.passed else self.reason
+
+
+@dataclass
+class SandboxResult:
+    passed: int
+    total: int
+    outcomes: list[TestOutcome] = field(default_factory=list)
+    reason: str = ""                     # first failing test's reason; "" when all passed
+    isolation: str = ""
+    seconds: float = 0.0
+    error: bool = False                  # the sandbox could not run it (not the program's fault)
+
+    @property
+    def fraction(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(response: str) -> str:
+    """The last ```python / ```py / plain ``` fenced block (an unclosed last fence runs to the
+    end), else the whole response."""
+    blocks = [body for lang, body in _FENCE.findall(response) if lang.lower() in ("python", "py", "python3", "")]
+    return blocks[-1] if blocks else response
+
+
+def normalize_tests(tests) -> list[dict]:
+    """Validate tests into [{"input", "output"} | {"code"}]; ValueError names the bad one."""
+    out = []
+    for i, t in enumerate(tests or ()):
+        if not isinstance(t, dict):
+            raise ValueError(f"test {i}: expected a dict, got {type(t).__name__}")
+        if "code" in t and isinstance(t["code"], str):
+            out.append({"code": t["code"]})
+        elif isinstance(t.get("input"), str) and isinstance(t.get("output"), str):
+            out.append({"input": t["input"], "output": t["output"]})
+        else:
+            raise ValueError(f"test {i}: needs {{'input': str, 'output': str}} or {{'code': str}}, got keys {sorted(t)}")
+    return out
+
+
+def _normalize_output(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation mode
+# ---------------------------------------------------------------------------------------------
+
+_probe_lock = threading.Lock()
+_probe_cache: dict | None = None
+
+
+def probe_isolation() -> dict:
+    """What this machine allows ({"euid", "root-namespaces": bool, "user-namespaces": bool}),
+    tried for real once per process in a throwaway runner. A runner that cannot even start is an
+    error, not a reason to fall back to weaker isolation."""
+    global _probe_cache
+    with _probe_lock:
+        if _probe_cache is None:
+            proc = subprocess.run(command("--probe"), capture_output=True, timeout=60, env=_RUNNER_ENV, cwd="/")
+            frames = decode_frames(proc.stdout) if proc.returncode == 0 else []
+            if not frames:
+                tail = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+                raise RuntimeError(f"sandbox runner failed to start (exit {proc.returncode}): {tail}")
+            _probe_cache = frames[0]
+        return dict(_probe_cache)
+
+
+def select_isolation(euid: int, probe: dict) -> str:
+    """The strongest mode available: root namespaces (with a per-slot uid), else unprivileged
+    user namespaces, else the audit hook."""
+    if euid == 0 and probe.get(ROOT_NS):
+        return ROOT_NS
+    if probe.get(USER_NS):
+        return USER_NS
+    return AUDIT
+
+
+_uid_lock = threading.Lock()
+_uids_taken: set[int] = set()
+
+
+def _take_uids(base: int, n: int) -> list[int]:
+    """Slot uids unique within this process, so two sandboxes never share a uid's process limit."""
+    with _uid_lock:
+        start = base
+        while any(u in _uids_taken for u in range(start, start + n)):
+            start += n
+        uids = list(range(start, start + n))
+        _uids_taken.update(uids)
+        return uids
+
+
+def _release_uids(uids: list[int]) -> None:
+    with _uid_lock:
+        _uids_taken.difference_update(uids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+# ---------------------------------------------------------------------------------------------
+
+class Sandbox:
+    """At most `concurrency` programs at a time, each in its own isolated runner process."""
+
+    def __init__(self, limits: SandboxLimits | None = None, concurrency: int = 2, isolation: str | None = None):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.limits = limits or SandboxLimits()
+        self.concurrency = concurrency
+        probe = probe_isolation()
+        if isolation is None:
+            isolation = select_isolation(os.geteuid(), probe)
+        elif isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation={isolation!r}: known modes are {', '.join(ISOLATION_MODES)}")
+        elif isolation != AUDIT and not probe.get(isolation):
+            raise ValueError(f"isolation={isolation!r} is not available here (probe: {probe})")
+        self._isolation = isolation
+        self.slot_uids = _take_uids(self.limits.uid_base, concurrency)
+        weakref.finalize(self, _release_uids, list(self.slot_uids))
+        self._slots: queue.Queue[int] = queue.Queue()
+        for uid in self.slot_uids:
+            self._slots.put(uid)
+
+    @property
+    def isolation(self) -> str:
+        """Which isolation mode is in force (see the module docstring)."""
+        return self._isolation
+
+    def run(self, code: str, tests: Sequence[dict]) -> SandboxResult:
+        """Run `code` against every test; blocks while all slots are busy. Raises ValueError only
+        for malformed tests (see `normalize_tests`), never for the program."""
+        tests = normalize_tests(tests)
+        t0 = time.perf_counter()
+        if not tests:
+            return SandboxResult(0, 0, reason="no tests", isolation=self.isolation, error=True)
+        if not code.strip():
+            outcomes = [TestOutcome(False, "no code") for _ in tests]
+            return SandboxResult(0, len(tests), outcomes, "no code", self.isolation)
+        uid = self._slots.get()
+        try:
+            res = self._run_in_slot(code, tests, uid)
+        finally:
+            self._slots.put(uid)
+        res.seconds = round(time.perf_counter() - t0, 4)
+        return res
+
+    def run_many(self, jobs: Sequence[tuple[str, Sequence[dict]]]) -> list[SandboxResult]:
+        """(code, tests) pairs, `concurrency` at a time, results in order."""
+        if len(jobs) <= 1 or self.concurrency == 1:
+            return [self.run(c, t) for c, t in jobs]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
+            return list(pool.map(lambda job: self.run(*job), jobs))
+
+    # -- one program ---------------------------------------------------------------------------
+
+    def _run_in_slot(self, code: str, tests: list[dict], uid: int) -> SandboxResult:
+        lim = self.limits
+        job = {"mode": self.isolation, "uid": uid, "gid": uid, "limits": asdict(lim), "code": code,
+               # expected outputs stay here: the sandbox only ever sees inputs and assertion code
+               "tests": [{"code": t["code"]} if "code" in t else {"input": t["input"]} for t in tests]}
+        workdir = None
+        if self.isolation == AUDIT:
+            workdir = job["workdir"] = tempfile.mkdtemp(prefix="sandbox-")
+            if os.geteuid() == 0:
+                os.chown(workdir, uid, uid)
+        budget = 10.0 + len(tests) * (lim.wall_time_s + 2.0)
+        stderr = b""
+        try:
+            proc = subprocess.Popen(command(), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_RUNNER_ENV,
+                                    cwd="/", close_fds=True, start_new_session=True)
+            try:
+                out, stderr = proc.communicate(marshal.dumps(job), timeout=budget)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid)
+                out, stderr = proc.communicate()
+        finally:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        reports, error = _parse_reports(out)
+        if error is None and len(reports) < len(tests):
+            tail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            error = f"sandbox runner died: {tail[0][:200]}"
+        outcomes = [self._judge(t, reports.get(i)) if i in reports else TestOutcome(False, error or "not run")
+                    for i, t in enumerate(tests)]
+        passed = sum(o.passed for o in outcomes)
+        reason = next((o.reason for o in outcomes if not o.passed), "")
+        return SandboxResult(passed, len(tests), outcomes, reason, self.isolation,
+                             error=bool(error) and not reports)
+
+    def _judge(self, test: dict, rep: dict) -> TestOutcome:
+        o = TestOutcome(False, "", rep["stdout"], rep["stderr"], rep["exit"], rep["signal"], rep["cpu_s"], rep["wall_s"])
+        o.reason = _failure_reason(test, rep, self.limits)
+        o.passed = not o.reason
+        return o
+
+
+def _failure_reason(test: dict, rep: dict, lim: SandboxLimits) -> str:
+    """"" when the test passed, else why not. Limits first, then what the harness reported, then
+    the answer itself. Only the output comparison and the nonce-checked verdict can pass a test."""
+    over_cpu = rep["cpu_s"] >= lim.cpu_time_s
+    if rep["limit"] == "timeout":
+        return "cpu time limit" if over_cpu else "timeout"
+    if rep["limit"]:
+        return rep["limit"]
+    sig = rep["signal"]
+    if sig == "SIGXCPU" or (sig == "SIGKILL" and over_cpu):
+        return "cpu time limit"
+    if sig == "SIGXFSZ":
+        return "file size limit"
+    if sig:
+        return f"killed by signal {sig}"
+    if rep["leftover"]:
+        return "left background processes"
+    v = rep["verdict"]
+    if v and v["status"] in ("tampered", "error", "fail"):
+        return v["kind"] or "failed"
+    if over_cpu:
+        return "cpu time limit"
+    if rep["exit"] != 0:
+        return f"exit code {rep['exit']}"
+    if "code" in test:
+        if not v:
+            return "no verdict (exited before the tests ran)"
+        return "" if v["status"] == "pass" else "failed"
+    return "" if _normalize_output(rep["stdout"]) == _normalize_output(test["output"]) else "wrong answer"
+
+
+def _parse_reports(out: bytes) -> tuple[dict[int, dict], str | None]:
+    reports, error = {}, None
+    try:
+        frames = decode_frames(out)
+    except (ValueError, EOFError, TypeError):
+        return reports, "sandbox runner wrote garbage"
+    for obj in frames:
+        if "error" in obj:
+            error = obj["error"]
+        elif "i" in obj:
+            reports[obj["i"]] = obj
+    return reports, error
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward source
+# ---------------------------------------------------------------------------------------------
+
+_LIMIT_FIELDS = frozenset(f.name for f in fields(SandboxLimits))
+
+
+@register_source("sandbox")
+class CodeSandboxSource(PerSampleSource):
+    """`type: sandbox`. Options: `concurrency` (default 2), `isolation` (default: strongest
+    available) and any `SandboxLimits` field. Reward = passed / total tests.
+    details: passed, total, outcomes (one short string per test), isolation, reason."""
+
+    name = "sandbox"
+
+    def __init__(self, concurrency: int = 2, isolation: str | None = None, **limits):
+        unknown = sorted(set(limits) - _LIMIT_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown sandbox option(s) {unknown}; known: concurrency, isolation, {', '.join(sorted(_LIMIT_FIELDS))}")
+        self.sandbox = Sandbox(SandboxLimits(**limits), concurrency=concurrency, isolation=isolation)
+        self.concurrency = concurrency
+
+    @property
+    def isolation(self) -> str:
+        return self.sandbox.isolation
+
+    def score_one(self, sample: RewardSample) -> RewardResult:
+        try:
+            tests = normalize_tests(sample.tests)
+        except ValueError as e:
+            return RewardResult.failure(self.name, f"bad tests: {e}", isolation=self.isolation)
+        res = self.sandbox.run(extract_code(sample.response), tests)
+        details = {"passed": res.passed, "total": res.total, "outcomes": [o.short for o in res.outcomes],
+                   "isolation": res.isolation, "reason": res.reason}
+        return RewardResult(res.fraction, self.name, reason=res.reason, failed=res.error, details=details)

@@ -1,0 +1,684 @@
+"""Code sandbox (rewards/sandbox.py): hostile programs earn nothing and leave the host as it was,
+honest programs pass (fully or partially), the pool runs `concurrency` programs at a time, and the
+isolation mode is chosen, forced and reported as documented.
+
+Every hostile program is presented as the solution to a small task and must score 0 with a
+reason; after each one the host is checked: no process of the sandbox's uids (or carrying the
+test's marker) is left, no marker file exists outside, the victim file is intact, memory is back,
+and the test process' secret environment variable appears in no output.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+
+from megatron_ernie.rewards import sandbox as sandbox_mod
+from megatron_ernie.rewards.registry import build_source
+from megatron_ernie.rewards.sandbox import (AUDIT, ROOT_NS, USER_NS, CodeSandboxSource, Sandbox, SandboxLimits,
+                                            extract_code, select_isolation)
+from megatron_ernie.rewards.types import RewardSample
+
+REPO = Path(__file__).resolve().parents[1]
+TAG = f"sbxmark{uuid.uuid4().hex[:10]}"  # in every path/process a hostile program tries to leave
+SECRET = f"hunter2-{uuid.uuid4().hex}"
+# Slot uids of their own per test process, so the leftover scan never sees another run's sandbox.
+LIMITS = SandboxLimits(wall_time_s=1.0, cpu_time_s=0.6, memory_bytes=384 << 20, max_processes=24,
+                       max_open_files=64, output_bytes=64 << 10, file_size_bytes=1 << 20, disk_bytes=8 << 20,
+                       uid_base=100000 + (os.getpid() % 10000) * 16)
+SUM_PROMPT = "Read two integers from stdin and print their sum."
+SUM_TESTS = [{"input": "2 3\n", "output": "5"}, {"input": "10 -4\n", "output": "6"}]
+ADD_PROMPT = "Write add(a, b) returning a + b."
+ADD_TESTS = [{"code": "assert add(2, 3) == 5"}, {"code": "assert add(-1, 1) == 0"}]
+MARKERS = [Path("/tmp", TAG), Path("/var/tmp", TAG), Path("/dev/shm", TAG), Path("/", TAG), REPO / TAG,
+           Path.home() / TAG]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one sandbox source for the module, and the host state a hostile program must not touch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def source():
+    src = build_source("code", "sandbox", concurrency=2, **asdict(LIMITS))
+    src.runs = []  # every SandboxResult, to search the programs' raw output for the secret
+    real_run = src.sandbox.run
+
+    def recording_run(code, tests):
+        res = real_run(code, tests)
+        src.runs.append(res)
+        return res
+
+    src.sandbox.run = recording_run
+    return src
+
+
+@dataclass
+class Host:
+    port: int
+    listener: socket.socket
+    victim: Path
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    os.environ["SANDBOX_TEST_SECRET"] = SECRET
+    victim = tmp_path_factory.mktemp("victim") / "victim.txt"
+    victim.write_text("precious")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.05)
+    yield Host(listener.getsockname()[1], listener, victim)
+    listener.close()
+    os.environ.pop("SANDBOX_TEST_SECRET", None)
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sandbox_processes(uids) -> list:
+    """Live processes running as a slot uid or carrying the marker in their command line."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+        state = re.search(r"^State:\s+(\S)", status, re.M).group(1)
+        if state != "Z" and (uid in uids or TAG.encode() in cmdline):
+            found.append((pid, uid, cmdline[:80]))
+    return found
+
+
+def assert_host_unaffected(src, host: Host, mem_before: int, rss_before: int, results) -> None:
+    assert _sandbox_processes(set(src.sandbox.slot_uids)) == []
+    for marker in MARKERS:
+        assert not marker.exists(), f"{marker} was written from inside the sandbox"
+    assert host.victim.read_text() == "precious"
+    with pytest.raises(socket.timeout):  # nothing reached the listener
+        host.listener.accept()
+    # System-wide memory moves with whatever else runs on the machine: the bound catches a
+    # sandbox that kept its GBs (20 GB allocation, zip bomb), not a busy neighbour.
+    assert _mem_available() > mem_before - (1 << 30)
+    assert _rss() < rss_before + (64 << 20)
+    for res in results:
+        assert SECRET not in repr(res)
+
+
+def _sample(prompt: str, code: str, tests, wrap: str = "Here is my solution:\n```python\n{}\n```\n") -> RewardSample:
+    return RewardSample(prompt=prompt, response=wrap.format(code), domain="code", tests=tests)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile programs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Hostile:
+    name: str
+    code: str
+    reasons: tuple = ()          # acceptable reasons (substrings); empty: any non-empty reason
+    task: str = "sum"            # "sum": stdin/stdout tests; "add": assertion tests
+    stdout: str | None = None    # a regex the first test's stdout must match (the barrier held)
+    forbid: str | None = None    # a regex its stdout must not match
+
+
+# Which of CPU and wall time runs out first depends on the machine's load: hostile programs accept
+# either (the bound holds both ways); test_cpu_and_wall_limits_are_told_apart pins each one.
+TIME_LIMITS = ("cpu time limit", "timeout")
+HOSTILE = [
+    Hostile("fork_bomb", """
+import os
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+""", TIME_LIMITS + ("memory limit",)),
+    Hostile("infinite_loop", "while True:\n    pass\n", TIME_LIMITS),
+    Hostile("sleep_past_limit", "import time\ntime.sleep(60)\nprint(5)\n", ("timeout",)),
+    Hostile("busy_orphan_after_correct_answer", """
+import os
+a, b = map(int, input().split())
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execvp("sh", ["sh", "-c", "while :; do :; done", "@TAG@"])
+    os._exit(0)
+os.wait()
+print(a + b)
+""", ("left background processes",)),
+    Hostile("sleeping_orphan_python", """
+import os, time
+a, b = map(int, input().split())
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(30)
+    os._exit(0)
+print(a + b)
+""", ("left background processes",)),
+    Hostile("alloc_20gb", "x = bytearray(20 * 1024 ** 3)\nprint(len(x))\n", ("memory limit",)),
+    Hostile("memory_across_processes", """
+import os, time
+for _ in range(8):
+    if os.fork() == 0:
+        block = b"\\x01" * (300 << 20)
+        time.sleep(30)
+        os._exit(0)
+time.sleep(30)
+""", ("memory limit",)),
+    Hostile("output_1gb", """
+import sys
+chunk = "x" * (1 << 20)
+for _ in range(1024):
+    sys.stdout.write(chunk)
+""", ("output limit",)),
+    Hostile("stderr_flood", "import os\nwhile True:\n    os.write(2, b'e' * 65536)\n", ("output limit",)),
+    Hostile("connect_to_host_listener", """
+import socket
+a, b = map(int, input().split())
+s = socket.create_connection(("127.0.0.1", @PORT@), timeout=0.5)
+s.sendall(b"@TAG@")
+print(a + b)
+""", ("runtime error: OSError",)),
+    Hostile("read_etc_shadow", """
+for path in ("/etc/shadow", "/proc/1/root/etc/shadow"):
+    try:
+        print(open(path).read())
+    except OSError as e:
+        print(path, type(e).__name__)
+""", stdout=r"(?s)/etc/shadow (FileNotFoundError|PermissionError).*/proc/1/root/etc/shadow (FileNotFoundError|PermissionError)"),
+    Hostile("parent_environment_secrets", """
+import glob, os
+print(dict(os.environ))
+for path in ["/proc/%d/environ" % os.getppid(), "/proc/1/environ"] + glob.glob("/proc/*/environ"):
+    try:
+        print(path, open(path, "rb").read())
+    except OSError as e:
+        print(path, type(e).__name__)
+"""),
+    Hostile("write_tmp_var_tmp_dev_shm_root", """
+for path in ("/tmp/@TAG@", "/var/tmp/@TAG@", "/dev/shm/@TAG@", "/@TAG@"):
+    try:
+        open(path, "w").write("x")
+        print("wrote", path)
+    except OSError as e:
+        print(path, type(e).__name__)
+"""),
+    Hostile("write_repo_dir", "open('@REPO@/@TAG@', 'w').write('x')\n", ("runtime error",)),
+    Hostile("write_host_home", "open('@HOME@/@TAG@', 'w').write('x')\n", ("runtime error",)),
+    Hostile("delete_host_files", """
+import os, shutil
+os.remove("@VICTIM@")
+shutil.rmtree(os.path.dirname("@VICTIM@"))
+""", ("runtime error",)),
+    Hostile("kill_parent_and_everyone", """
+import os, signal
+for pid in (os.getppid(), 1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+        print("killed", pid)
+    except OSError as e:
+        print(pid, type(e).__name__)
+try:
+    os.kill(-1, signal.SIGKILL)
+except OSError as e:
+    print(-1, type(e).__name__)
+""", stdout=r"^\d+ PermissionError\n1 PermissionError\n"),
+    Hostile("ignore_signals_then_loop", """
+import signal
+for sig in (signal.SIGTERM, signal.SIGXCPU, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+    signal.signal(sig, signal.SIG_IGN)
+while True:
+    pass
+""", TIME_LIMITS),
+    Hostile("raise_own_limits_then_loop", """
+import resource
+try:
+    resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+except (ValueError, OSError):
+    pass
+while True:
+    pass
+""", TIME_LIMITS),
+    Hostile("recursion_limit_bomb", """
+import sys
+sys.setrecursionlimit(10 ** 9)
+def f(n):
+    return f(n + 1) + 1
+print(f(0))
+""", ("memory limit", "killed by signal SIGSEGV", "recursion limit") + TIME_LIMITS),
+    Hostile("ctypes_segfault", "import ctypes\nctypes.string_at(0)\n", ("blocked", "killed by signal SIGSEGV")),
+    Hostile("c_level_segfault", "import faulthandler\nfaulthandler._sigsegv()\n", ("killed by signal SIGSEGV",)),
+    Hostile("zip_bomb_memory", """
+import zlib
+c = zlib.compressobj(1)
+blob = b"".join(c.compress(bytes(1 << 20)) for _ in range(64)) + c.flush()
+keep = []
+while True:
+    keep.append(zlib.decompress(blob))
+""", ("memory limit",) + TIME_LIMITS),  # whichever comes first: touching 64 MiB takes a while
+    Hostile("zip_bomb_disk", """
+import zlib
+blob = zlib.compress(bytes(1 << 20), 9)
+i = 0
+while True:
+    with open("part%d" % i, "wb") as f:
+        f.write(zlib.decompress(blob)[:1000000])
+    i += 1
+""", ("disk full",)),
+    Hostile("sparse_huge_file", "f = open('big', 'wb')\nf.seek(10 << 30)\nf.write(b'x')\nf.flush()\n", ("file size limit",)),
+    Hostile("fill_dev_shm", """
+with open("/dev/shm/@TAG@", "wb") as f:
+    while True:
+        f.write(bytes(65536))
+        f.flush()
+""", ("file size limit", "disk full")),
+    Hostile("threads_spinning", """
+import threading
+def spin():
+    while True:
+        pass
+for _ in range(8):
+    threading.Thread(target=spin, daemon=True).start()
+spin()
+""", TIME_LIMITS),
+    Hostile("fd_exhaustion", "files = [open('/dev/null') for _ in range(100000)]\n", ("open files limit",)),
+    Hostile("ptrace_mount_chroot_setuid_escape", """
+import subprocess, sys
+probe = '''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name, call in (("ptrace", lambda: libc.ptrace(16, 1, 0, 0)),
+                   ("mount", lambda: libc.mount(b"none", b"/usr", b"tmpfs", 0, None)),
+                   ("chroot", lambda: libc.chroot(b"/tmp")),
+                   ("setuid", lambda: libc.setuid(0))):
+    print(name, call(), os.strerror(ctypes.get_errno()))
+'''
+print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout)
+""", stdout=r"ptrace -1 Operation not permitted\nmount -1 Operation not permitted\n"
+             r"chroot -1 Operation not permitted\nsetuid -1 Operation not permitted"),
+    Hostile("snoop_other_processes", """
+import os
+for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        print(pid, open("/proc/%s/cmdline" % pid, "rb").read())
+    except OSError as e:
+        print(pid, type(e).__name__)
+""", forbid=r"pytest"),
+    Hostile("search_filesystem_for_answers", """
+import os
+for root, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if not (root == "/" and d in ("proc", "usr"))]
+    for f in files:
+        if "test" in f:
+            print(os.path.join(root, f))
+""", forbid=r"test_sandbox|/work/"),
+    Hostile("read_own_memory_for_nonce", """
+import os
+os.symlink("/proc/self/mem", "m")
+for path in ("/proc/self/mem", "m"):
+    try:
+        open(path, "rb").close()
+        print("opened", path)
+    except PermissionError as e:
+        print("denied", path)
+os.path.realpath = os.path.basename = lambda p: "harmless"
+open("m", "rb")
+""", ("blocked",), stdout=r"^denied /proc/self/mem\ndenied m\n$"),
+    # --- assertion-test harness tampering ---
+    Hostile("exit_before_tests", "import os\nos._exit(0)\n", ("no verdict",), task="add"),
+    Hostile("system_exit_before_tests", "raise SystemExit(0)\n", ("exited before the tests ran",), task="add"),
+    Hostile("fake_verdicts_and_pass_marker", """
+import os
+print("ALL TESTS PASSED")
+for fd in range(3, 64):
+    try:
+        os.write(fd, b"0123456789abcdef0123456789abcdef pass \\t\\n")
+    except OSError:
+        pass
+os._exit(0)
+""", ("verdict channel tampered", "no verdict"), task="add"),
+    Hostile("monkeypatch_harness_and_builtins", """
+import builtins, sys
+def add(a, b):
+    return a - b
+def passthrough(*args, **kwargs):
+    return True
+builtins.exec = builtins.compile = builtins.bool = builtins.isinstance = builtins.all = passthrough
+builtins.AssertionError = type("Nope", (Exception,), {})
+for mod in list(sys.modules.values()):
+    for name in list(vars(mod)):
+        if any(k in name.lower() for k in ("report", "verdict", "harness", "check", "eq", "trusted", "classify")):
+            try:
+                setattr(mod, name, passthrough)
+            except Exception:
+                pass
+""", ("assertion failed",), task="add"),
+    Hostile("always_equal_object", """
+class AlwaysEqual:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+    __hash__ = None
+def add(a, b):
+    return AlwaysEqual()
+""", ("assertion failed",), task="add"),
+    Hostile("always_equal_int_subclass", """
+class Liar(int):
+    __eq__ = int.__ge__
+def add(a, b):
+    return Liar(10 ** 9)
+""", ("assertion failed",), task="add"),
+    Hostile("steal_nonce_from_frames", """
+import gc, sys
+def add(a, b):
+    for get in (lambda: sys._getframe(1).f_back.f_locals, lambda: gc.get_objects()):
+        try:
+            get()
+        except Exception:
+            pass
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        return e.__traceback__.tb_frame.f_back.f_locals
+""", ("blocked",), task="add"),
+    Hostile("steal_frames_with_signal_handler", """
+import os, signal
+got = []
+signal.signal(signal.SIGUSR1, lambda s, frame: got.append(frame))
+def add(a, b):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return got[0].f_back.f_locals
+""", ("runtime error: AttributeError",), task="add"),
+    Hostile("swap_harness_code", """
+import _signal
+def add(a, b):
+    # whatever function of the sandbox can be found gets an always-true body
+    for f in [_signal.signal, *_signal.signal.__globals__.values(), *list(globals().values())]:
+        if callable(f) and hasattr(f, "__code__") and f is not add:
+            f.__code__ = (lambda *a, **k: True).__code__
+    return 0
+""", ("blocked",), task="add"),
+]
+assert len(HOSTILE) >= 30
+
+
+def _fill(code: str, host: Host) -> str:
+    for key, value in (("@TAG@", TAG), ("@PORT@", str(host.port)), ("@VICTIM@", str(host.victim)),
+                       ("@REPO@", str(REPO)), ("@HOME@", str(Path.home()))):
+        code = code.replace(key, value)
+    return code
+
+
+@pytest.mark.parametrize("h", HOSTILE, ids=[h.name for h in HOSTILE])
+def test_hostile_program_earns_nothing_and_leaves_host_untouched(h: Hostile, source, host):
+    mem_before, rss_before, n_runs = _mem_available(), _rss(), len(source.runs)
+    prompt, tests = (SUM_PROMPT, SUM_TESTS) if h.task == "sum" else (ADD_PROMPT, ADD_TESTS)
+    [res] = source.score([_sample(prompt, _fill(h.code, host), tests)])
+    assert res.reward == 0.0 and res.reason and not res.failed, res
+    if h.reasons:
+        assert any(r in res.reason for r in h.reasons), res
+    assert res.details["passed"] == 0 and res.details["total"] == len(tests)
+    assert res.details["isolation"] == source.isolation and res.details["reason"] == res.reason
+    assert all(o != "pass" for o in res.details["outcomes"]) and len(res.details["outcomes"]) == len(tests)
+    [run] = source.runs[n_runs:]
+    assert not any("sandbox" in o.reason for o in run.outcomes), run  # the supervisor survived it
+    if h.stdout:
+        assert re.search(h.stdout, run.outcomes[0].stdout), run.outcomes[0]
+    if h.forbid:
+        assert not re.search(h.forbid, run.outcomes[0].stdout), run.outcomes[0].stdout[:2000]
+    assert_host_unaffected(source, host, mem_before, rss_before, [res, run])
+
+
+def test_cpu_and_wall_limits_are_told_apart():
+    """CPU time is summed over threads (four spinning threads on two cores use it up faster than
+    the wall clock) and told apart from a wall-clock timeout (a sleep uses no CPU)."""
+    box = Sandbox(SandboxLimits(wall_time_s=10.0, cpu_time_s=0.4), concurrency=1)
+    spin = "import threading\ndef spin():\n    while True:\n        pass\n" \
+           "for _ in range(4):\n    threading.Thread(target=spin).start()\n"
+    res = box.run(spin, [{"input": "", "output": ""}])
+    assert res.reason == "cpu time limit" and res.outcomes[0].wall_s < 5.0, res
+    res = Sandbox(SandboxLimits(wall_time_s=0.5, cpu_time_s=10.0), concurrency=1).run(
+        "import time\ntime.sleep(60)\n", [{"input": "", "output": ""}])
+    assert res.reason == "timeout" and 0.5 <= res.outcomes[0].wall_s < 2.0 and res.outcomes[0].cpu_s < 0.3, res
+
+
+def test_network_namespace_has_no_usable_interface(source):
+    """Passes only if the program sees loopback alone, down, and cannot even reach 127.0.0.1."""
+    code = """
+import fcntl, socket, struct
+s = socket.socket()
+for _, name in socket.if_nameindex():
+    flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), 0x8913, struct.pack("16sH", name.encode(), 0)))[1]
+    print(name, "UP" if flags & 1 else "DOWN")
+print(sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]))
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=0.5)
+except OSError as e:
+    print(e.errno)
+"""
+    if source.isolation == AUDIT:
+        pytest.fail("the root / user namespace modes are expected on this machine")
+    [res] = source.score([_sample("network", code, [{"input": "", "output": "lo DOWN\n['lo']\n101"}])])
+    assert res.reward == 1.0, res
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest programs
+# ---------------------------------------------------------------------------------------------
+
+HONEST = [
+    ("stdin_sum", "a, b = map(int, input().split())\nprint(a + b)\n", SUM_TESTS),
+    ("whitespace_and_crlf_tolerated", "a, b = map(int, input().split())\nprint(a + b, '   \\r\\n\\n')\n", SUM_TESTS),
+    ("sys_exit_zero_after_answer", "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)\nsys.exit(0)\n",
+     SUM_TESTS),
+    ("main_in_thread_with_big_stack", """
+import sys, threading
+def main():
+    sys.setrecursionlimit(100000)
+    def depth(n):
+        return 0 if n == 0 else 1 + depth(n - 1)
+    a, b = map(int, input().split())
+    print(a + b + depth(20000) - 20000)
+threading.stack_size(64 << 20)
+threading.Thread(target=main).start()
+""", SUM_TESTS),
+    ("stdlib_namedtuple_dataclass_logging_signal", """
+import collections, dataclasses, logging, signal
+P = collections.namedtuple("P", "a b")
+@dataclasses.dataclass
+class Q:
+    a: int
+signal.signal(signal.SIGALRM, lambda s, f: None)
+logging.getLogger("x").debug("quiet")
+a, b = map(int, input().split())
+print(P(a, b).a + Q(b).a)
+""", SUM_TESTS),
+    ("files_in_workdir_and_subprocess", """
+import os, subprocess, sys
+a, b = map(int, input().split())
+open("scratch.txt", "w").write(str(a + b))
+out = subprocess.run([sys.executable, "-c", "print(open('scratch.txt').read())"], capture_output=True, text=True)
+print(out.stdout.strip())
+""", SUM_TESTS),
+    ("assertions", "def add(a, b):\n    return a + b\n", ADD_TESTS),
+    ("assertions_with_containers_and_counter", """
+import collections
+def add(a, b):
+    return a + b
+def tally(s):
+    return collections.Counter(s)
+""", [{"code": "assert add(2, 3) == 5\nassert tally('aab') == {'a': 2, 'b': 1}"},
+      {"code": "assert [add(1, 1), (add(0, 0),)] == [2, (0,)]"}]),
+    ("main_guard_skipped_for_assertions", """
+def add(a, b):
+    return a + b
+if __name__ == "__main__":
+    print(add(int(input()), 1))
+""", ADD_TESTS),
+]
+
+
+@pytest.mark.parametrize("name,code,tests", HONEST, ids=[h[0] for h in HONEST])
+def test_honest_program_gets_full_reward(name, code, tests, source):
+    [res] = source.score([_sample("task", code, tests)])
+    assert res.reward == 1.0 and res.reason == "" and res.details["outcomes"] == ["pass"] * len(tests), res
+
+
+def test_partial_credit_and_mixed_test_kinds(source):
+    code = "def add(a, b):\n    return a + b if a >= 0 else 0\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))\n"
+    tests = [{"code": "assert add(1, 2) == 3"}, {"code": "assert add(-1, 2) == 1"},
+             {"input": "4 5", "output": "9"}, {"input": "-3 1", "output": "-2"}]
+    # io tests run the program as __main__, assertion tests as module `solution`
+    [res] = source.score([_sample("task", code, tests)])
+    assert res.reward == pytest.approx(2 / 4) and res.details["passed"] == 2, res
+    assert res.details["outcomes"] == ["pass", "assertion failed", "pass", "wrong answer"]
+    assert res.reason == "assertion failed" and not res.failed
+
+
+def test_wrong_answer_syntax_error_no_code_no_tests(source):
+    wrong, syntax, empty, no_tests, bad = source.score([
+        _sample(SUM_PROMPT, "print(4)", SUM_TESTS),
+        _sample(SUM_PROMPT, "def f(:\n    pass", SUM_TESTS),
+        _sample(SUM_PROMPT, "", SUM_TESTS, wrap="I don't know.\n```python\n{}```"),
+        _sample(SUM_PROMPT, "print(5)", []),
+        _sample(SUM_PROMPT, "print(5)", [{"stdin": "1"}]),
+    ])
+    assert (wrong.reward, wrong.reason, wrong.failed) == (0.0, "wrong answer", False)
+    assert (syntax.reward, syntax.reason, syntax.details["outcomes"]) == (0.0, "syntax error", ["syntax error"] * 2)
+    assert (empty.reward, empty.reason, empty.failed) == (0.0, "no code", False)
+    assert (no_tests.reward, no_tests.reason, no_tests.failed) == (0.0, "no tests", True)
+    assert bad.failed and bad.reason.startswith("bad tests: test 0") and bad.reward == 0.0
+
+
+def test_extract_code_takes_last_python_block():
+    assert extract_code("a\n```python\nx = 1\n```\nb\n```py\nx = 2\n```\n```bash\nls\n```") == "x = 2\n"
+    assert extract_code("```\nplain = 1\n```") == "plain = 1\n"
+    assert extract_code("print(3)") == "print(3)"
+    assert extract_code("only shell:\n```bash\nls\n```") == "only shell:\n```bash\nls\n```"
+    assert extract_code("cut off:\n```python\nprint(1)\n") == "print(1)\n"
+
+
+def test_pool_runs_concurrency_programs_at_a_time(source):
+    """Six programs that each sleep 0.4 s and print their start and end times: exactly two ever
+    overlap (a bound of one gives 1, no bound 6), so the batch takes at least three rounds."""
+    code = "import time\nt0 = time.time()\ntime.sleep(0.4)\nprint(t0, time.time())\n"
+    n_runs = len(source.runs)
+    t0 = time.perf_counter()
+    results = source.score([_sample("sleep", code, [{"input": "", "output": "?"}]) for _ in range(6)])
+    wall = time.perf_counter() - t0
+    assert all(r.reason == "wrong answer" for r in results)
+    spans = [tuple(map(float, run.outcomes[0].stdout.split())) for run in source.runs[n_runs:]]
+    assert len(spans) == 6
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap == 2, spans
+    assert wall >= 1.2, wall  # three rounds of two
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation modes
+# ---------------------------------------------------------------------------------------------
+
+def test_select_isolation_prefers_root_then_user_namespaces_then_audit_hook():
+    both = {ROOT_NS: True, USER_NS: True}
+    assert select_isolation(0, both) == ROOT_NS
+    assert select_isolation(1000, both) == USER_NS  # root namespaces need root
+    assert select_isolation(0, {ROOT_NS: False, USER_NS: True}) == USER_NS
+    assert select_isolation(1000, {ROOT_NS: False, USER_NS: False}) == AUDIT
+
+
+def test_sandbox_reports_mode_selected_for_this_process(monkeypatch):
+    assert Sandbox(LIMITS).isolation == select_isolation(os.geteuid(), sandbox_mod.probe_isolation())
+    assert os.geteuid() != 0 or Sandbox(LIMITS).isolation == ROOT_NS
+    monkeypatch.setattr(sandbox_mod, "probe_isolation", lambda: {ROOT_NS: False, USER_NS: False})
+    assert Sandbox(LIMITS).isolation == AUDIT
+    with pytest.raises(ValueError, match="not available"):
+        Sandbox(LIMITS, isolation=USER_NS)
+    with pytest.raises(ValueError, match="known modes"):
+        Sandbox(LIMITS, isolation="chroot")
+    with pytest.raises(TypeError, match="unknown sandbox option"):
+        build_source("code", "sandbox", wall_time=3)
+
+
+# Marked with the tag where it can exec (host uid 0 in forced user-namespaces mode as root: the
+# leftover scan then finds it by tag), plain Python where the audit hook refuses exec.
+ORPHAN = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        try:
+            os.execvp("sh", ["sh", "-c", "while :; do sleep 1; done", "@TAG@"])
+        except Exception:
+            time.sleep(30)
+    os._exit(0)
+print(5)
+"""
+FORCED_PROBE = """
+import os, socket
+print(os.getuid(), [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")])
+for name, attempt in (("connect", lambda: socket.socket().connect(("127.0.0.1", @PORT@))),
+                      ("write /tmp", lambda: open("/tmp/@TAG@", "w").write("x")),
+                      ("delete victim", lambda: os.remove("@VICTIM@")),
+                      ("signal parent", lambda: os.kill(os.getppid(), 0)),
+                      ("write workdir", lambda: open("scratch", "w").write("x"))):
+    try:
+        attempt()
+        print(name, "ok")
+    except OSError as e:
+        print(name, type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("mode", [USER_NS, AUDIT])
+def test_forced_fallback_mode_refuses_network_and_cleans_up(mode, host):
+    """The non-root paths, forced on this root machine: the mode is recorded, correct programs
+    pass, the listener on 127.0.0.1 gets nothing, and an escaping orphan is killed."""
+    src = CodeSandboxSource(concurrency=2, isolation=mode, **asdict(LIMITS))
+    assert src.isolation == mode
+    orphan = _fill(ORPHAN, host)
+    ok, probe, escaped = src.score([
+        _sample(SUM_PROMPT, "a, b = map(int, input().split())\nprint(a + b)", SUM_TESTS),
+        _sample("probe", _fill(FORCED_PROBE, host), [{"input": "", "output": "?"}]),
+        _sample(SUM_PROMPT, orphan, SUM_TESTS[:1]),
+    ])
+    assert ok.reward == 1.0 and ok.details["isolation"] == mode, ok
+    assert probe.reward == 0.0 and probe.details["isolation"] == mode
+    assert (escaped.reward, escaped.reason) == (0.0, "left background processes")
+    with pytest.raises(socket.timeout):
+        host.listener.accept()
+    assert _sandbox_processes(set(src.sandbox.slot_uids)) == []
+    out = src.sandbox.run(_fill(FORCED_PROBE, host), [{"input": "", "output": "?"}]).outcomes[0].stdout
+    uid, rest = out.split(" ", 1)
+    if mode == USER_NS:  # root of its own user namespace without a single capability; no route,
+        # a private /tmp (the write lands in the sandbox's tmpfs), the host's files out of sight
+        assert uid == "0" and rest.startswith("['0000000000000000']"), out
+        assert rest.split("\n", 1)[1] == ("connect OSError\nwrite /tmp ok\ndelete victim FileNotFoundError\n"
+                                          "signal parent ok\nwrite workdir ok\n"), out
+    else:  # the slot uid, and the audit hook refuses the socket, outside writes and signals
+        assert int(uid) in src.sandbox.slot_uids, out
+        assert rest.split("\n", 1)[1] == ("connect _Denied\nwrite /tmp _Denied\ndelete victim _Denied\n"
+                                          "signal parent _Denied\nwrite workdir ok\n"), out
+    for marker in MARKERS:
+        assert not marker.exists()
+    assert host.victim.read_text() == "precious"
