@@ -9,6 +9,7 @@ and the test process' secret environment variable appears in no output.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -145,6 +146,7 @@ class Hostile:
 TIME_LIMITS = ("cpu time limit", "timeout")
 HOSTILE = [
     Hostile("fork_bomb", """
+import json
 import os
 while True:
     try:
@@ -155,6 +157,7 @@ while True:
     Hostile("infinite_loop", "while True:\n    pass\n", TIME_LIMITS),
     Hostile("sleep_past_limit", "import time\ntime.sleep(60)\nprint(5)\n", ("timeout",)),
     Hostile("busy_orphan_after_correct_answer", """
+import json
 import os
 a, b = map(int, input().split())
 if os.fork() == 0:
@@ -317,6 +320,7 @@ print(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=Tr
 """, stdout=r"ptrace -1 Operation not permitted\nmount -1 Operation not permitted\n"
              r"chroot -1 Operation not permitted\nsetuid -1 Operation not permitted"),
     Hostile("snoop_other_processes", """
+import json
 import os
 for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
     try:
@@ -325,6 +329,7 @@ for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
         print(pid, type(e).__name__)
 """, forbid=r"pytest"),
     Hostile("search_filesystem_for_answers", """
+import json
 import os
 for root, dirs, files in os.walk("/"):
     dirs[:] = [d for d in dirs if not (root == "/" and d in ("proc", "usr"))]
@@ -333,6 +338,7 @@ for root, dirs, files in os.walk("/"):
             print(os.path.join(root, f))
 """, forbid=r"test_sandbox|/work/"),
     Hostile("read_own_memory_for_nonce", """
+import json
 import os
 os.symlink("/proc/self/mem", "m")
 for path in ("/proc/self/mem", "m"):
@@ -348,6 +354,7 @@ open("m", "rb")
     Hostile("exit_before_tests", "import os\nos._exit(0)\n", ("no verdict",), task="add"),
     Hostile("system_exit_before_tests", "raise SystemExit(0)\n", ("exited before the tests ran",), task="add"),
     Hostile("fake_verdicts_and_pass_marker", """
+import json
 import os
 print("ALL TESTS PASSED")
 for fd in range(3, 64):
@@ -682,3 +689,22 @@ def test_forced_fallback_mode_refuses_network_and_cleans_up(mode, host):
     for marker in MARKERS:
         assert not marker.exists()
     assert host.victim.read_text() == "precious"
+
+
+def test_runs_under_a_python_from_a_venv_under_tmp(tmp_path):
+    """CI and users often run from a venv (a link into the base install) placed under /tmp, the
+    first place the runner would build its private root on: it must stay reachable."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    program = "import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout.strip())"
+    code = ("import json\nfrom megatron_ernie.rewards.sandbox import Sandbox, SandboxLimits\n"
+            f"r = Sandbox(SandboxLimits()).run({program!r}, [{{'input': '', 'output': '42'}}])\n"
+            "print(json.dumps([r.passed, r.total, r.reason, r.outcomes[0].stderr]))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    passed, total, reason, stderr = json.loads(out.stdout.splitlines()[-1])
+    assert (passed, total) == (1, 1), (reason, stderr)

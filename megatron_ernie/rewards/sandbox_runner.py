@@ -126,9 +126,20 @@ def _ro_bind(src: str, dst: str) -> None:
 
 
 def _python_dirs() -> list:
+    # both ends of sys.executable: a venv's bin/python is a link into the base install (and
+    # under -I the venv is not detected, so sys.prefix alone misses it)
     dirs = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix,
-            os.path.dirname(os.path.realpath(sys.executable))}
+            os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
     return sorted(d for d in dirs if d and os.path.isdir(d))
+
+
+def _staging_dir(keep: list) -> str:
+    """A mount point for the new root that hides none of the directories still to be bound
+    (a Python in a venv under /tmp must stay reachable while the root is built)."""
+    for cand in ("/tmp", "/mnt", "/srv", "/media", "/opt", "/var/tmp"):
+        if os.path.isdir(cand) and not any(d == cand or d.startswith(cand + "/") for d in keep):
+            return cand
+    raise OSError("no directory to build the sandbox root on (every candidate holds the Python install)")
 
 
 def _build_root(job: dict) -> None:
@@ -137,7 +148,7 @@ def _build_root(job: dict) -> None:
     Nothing the program writes can reach the host; nothing outside these binds is visible."""
     lim = job["limits"]
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # no mount event propagates back to the host
-    new = "/tmp"  # any directory will do as mount point: the private copy hides it from the host
+    new = _staging_dir(_python_dirs())  # the private mount namespace hides it from the host
     _mount("sandbox", new, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={int(lim['disk_bytes'])},nr_inodes={int(lim['max_inodes'])},mode=755")
     bound = []
