@@ -70,13 +70,20 @@ def forward_step(data_iterator, model):
     return output, partial(bradley_terry_loss, batch["end_index"])
 
 
+_EVAL_SETS: dict = {}
+
+
 def evaluate(model_chunks: list, cfg, tokenizer) -> dict[str, float]:
     """Pairwise accuracy, margin and loss on the held-out pairs (split over DP ranks)."""
     from megatron.core import parallel_state as ps
 
     from megatron_ernie.training.step import forward_only
 
-    data = build_dataset(cfg, tokenizer, split="eval")
+    key = (cfg.data.eval_path, cfg.data.seq_length, cfg.data.use_reference, id(tokenizer))
+    if key not in _EVAL_SETS:  # rendered once per run, not at every evaluation
+        _EVAL_SETS.clear()
+        _EVAL_SETS[key] = build_dataset(cfg, tokenizer, split="eval")
+    data = _EVAL_SETS[key]
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = cfg.train.micro_batch_size
     usable = len(data) - len(data) % (dp * mbs)  # every rank runs the same number of microbatches

@@ -235,5 +235,5 @@ def _check_packing_support(cfg: RunConfig) -> None:
 
 def _stats_line(dataset) -> str:
     stats = getattr(dataset, "stats", {})
-    keys = [k for k in ("samples", "dropped_overlong", "truncated", "loss_tokens") if k in stats]
+    keys = [k for k in ("samples", "pairs", "dropped_overlong", "truncated", "loss_tokens") if k in stats]
     return ", ".join(f"{k} {stats[k]}" for k in keys) or "no stats"
