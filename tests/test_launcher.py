@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from megatron_ernie.models.ernie import preset
 from megatron_ernie.runtime import ParallelLayout
@@ -40,11 +43,15 @@ def test_sft_300b_launcher_builds_the_torchrun_command(tmp_path):
     assert "parallel.tp=8" in cmd and "model=ernie45_300b_a47b" in cmd
 
 
-def test_sft_300b_launcher_layout_is_valid_for_the_model():
-    script = (ROOT / "launchers" / "sft_300b.sh").read_text()
-    call = script[script.index("ernie_launch ") + len("ernie_launch "):script.index('"$@"')]
-    overrides = call.replace("\\\n", " ").split()
-    cfg = compose(overrides)
+@pytest.mark.parametrize("script, stage", [("sft_300b.sh", "sft"), ("reward_model_300b.sh", "reward_model")])
+def test_300b_launcher_recipes_compose_and_their_layout_fits_the_model(script, stage):
+    text = (ROOT / "launchers" / script).read_text()
+    call = text[text.index("ernie_launch ") + len("ernie_launch "):text.index('"$@"')]
+    cfg = compose(call.replace("\\\n", " ").split())  # every override valid for the schema
+    assert cfg.stage.value == stage and cfg.model.preset == "ernie45_300b_a47b"
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == (8, 6, 8)
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
     layout = ParallelLayout(tp=8, pp=6, ep=8, etp=cfg.parallel.etp, sequence_parallel=True, distributed_optimizer=True)
-    layout.validate(preset(cfg.model.preset), world_size=12 * 8)
+    layout.validate(preset(cfg.model.preset), world_size=nodes * gpus)
+    assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * layout.data_parallel_size(nodes * gpus)) == 0
