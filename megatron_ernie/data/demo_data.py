@@ -230,4 +230,4 @@ if __name__ == "__main__":
     bundled = Path(__file__).parent / "bundled"
     print(write_jsonl(generate_demo_samples(0), bundled / BUNDLED_SFT))
     print(write_jsonl(generate_preference_pairs(1, 960), bundled / BUNDLED_PAIRS))
-    print(write_jsonl(generate_preference_pairs(2, 128), bundled / BUNDLED_PAIRS_EVAL))
+    print(write_jsonl(generate_preference_pairs(2, 256), bundled / BUNDLED_PAIRS_EVAL))

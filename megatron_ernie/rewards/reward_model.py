@@ -4,8 +4,9 @@
 directory or the run's directory) into this process at the current Megatron parallel layout
 (one process when none is set up) and scores samples the way they were trained: the same chat
 rendering, the reference answer in the input when the model was trained with references
-(`data.use_reference`), the value at the last token. Scores are deterministic: every sequence is
-padded to the same fixed length, so a sample's score does not depend on its batch-mates.
+(`data.use_reference`), the value at the last token. Scores are deterministic: the same batch
+scores bit-identically every time; every sequence is padded to the same fixed length, so
+batch-mates change a score only through the MoE experts' GEMM shapes (~1e-7 relative).
 
 Sources: `drm` (the response alone) and `rdrm` (needs `sample.reference`; a sample without one
 is a failed result, not a silent DRM score).
