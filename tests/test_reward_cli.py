@@ -67,3 +67,6 @@ def test_prefilter_drops_prompts_always_or_never_solved_by_the_sampled_model(tmp
     assert (counts["total"], counts["too_easy"], counts["too_hard"], counts["kept"]) == (3, 2, 1, 0)
     assert counts["reward/re/scored"] == 9  # 3 prompts x 3 sampled responses, one scoring pass
     assert (tmp_path / "kept.jsonl").read_text() == ""
+    summary = json.loads((tmp_path / "kept.jsonl.summary.json").read_text())
+    assert summary["pass_rate_histogram"] == {"0/3": 1, "1/3": 0, "2/3": 0, "3/3": 2}
+    assert (tmp_path / "kept.jsonl.pass_rates.png").stat().st_size > 0

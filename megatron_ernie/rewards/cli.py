@@ -128,5 +128,40 @@ def prefilter_main(argv=None) -> int:
     result = prefilter_prompts([to_sample(r) for r in records], sampler, scorer, k=args.k, low=args.low,
                                high=args.high, pass_threshold=args.pass_threshold, batch_size=args.batch_size,
                                output=args.out, keep_in_memory=False)
-    print(json.dumps({**result.counts, **router.metrics()}))
+    summary = {**result.counts, **router.metrics(), "pass_rate_histogram": _histogram(result.pass_rates, args.k)}
+    write_summary(args.out, summary, result.pass_rates, args)
+    print(json.dumps({k: v for k, v in summary.items() if k != "pass_rate_histogram"}))
     return 0
+
+
+def _histogram(rates: list[float], k: int) -> dict[str, int]:
+    """Prompts per number of solved samples (0..k): what the pre-filter saw."""
+    counts = {f"{j}/{k}": 0 for j in range(k + 1)}
+    for r in rates:
+        counts[f"{round(r * k)}/{k}"] += 1
+    return counts
+
+
+def write_summary(out: Path, summary: dict, rates: list[float], args) -> None:
+    """`<out>.summary.json` and `<out>.pass_rates.png` (the pass-rate histogram, kept band shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_ernie.runtime.atomic import atomic_file
+
+    with atomic_file(out.with_name(out.name + ".summary.json")) as f:
+        json.dump(summary, f, indent=1)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(rates, bins=[(j - 0.5) / args.k for j in range(args.k + 2)], color="tab:blue", alpha=0.8)
+    ax.axvspan(args.low, args.high, color="tab:green", alpha=0.12, label="kept (strictly inside)")
+    ax.set_xlabel(f"pass rate over k={args.k} samples")
+    ax.set_ylabel("prompts")
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    png = out.with_name(out.name + ".pass_rates.png")
+    tmp = png.with_name("." + png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
