@@ -64,10 +64,11 @@ def bradley_terry_loss(end_index: torch.Tensor, output: torch.Tensor):
     return loss_sum, n, reports
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, loss_func=bradley_terry_loss):
+    """`loss_func(end_index, output)`: the BT loss in training; scoring passes one returning the values."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None)  # causal; no labels: the values
-    return output, partial(bradley_terry_loss, batch["end_index"])
+    return output, partial(loss_func, batch["end_index"])
 
 
 _EVAL_SETS: dict = {}

@@ -75,12 +75,6 @@ def values_func(end_index: torch.Tensor, output: torch.Tensor, non_loss_data: bo
     return sequence_values(output, end_index)
 
 
-def _values_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
-    return output, partial(values_func, batch["end_index"])
-
-
 class RewardModelScorer:
     def __init__(self, model_chunks: list, tokenizer, *, seq_length: int, use_reference: bool,
                  empty_think: bool = True, micro_batch_size: int = 8):
@@ -136,6 +130,7 @@ class RewardModelScorer:
         """The model's reward for each sample (same on every rank of the model-parallel group)."""
         from megatron.core import parallel_state as ps
 
+        from megatron_ernie.algorithms.reward_model import forward_step
         from megatron_ernie.data.preference import collate_sequences
         from megatron_ernie.training.step import forward_only
 
@@ -146,7 +141,8 @@ class RewardModelScorer:
         pad = (-len(seqs)) % mbs  # the schedule wants equal microbatches: pad with a copy, drop after
         padded = seqs + [seqs[-1]] * pad
         micro = [collate_sequences(padded[k:k + mbs], self.seq_length) for k in range(0, len(padded), mbs)]
-        out = forward_only(self.model_chunks, micro, forward_step=_values_step, seq_length=self.seq_length,
+        out = forward_only(self.model_chunks, micro, forward_step=partial(forward_step, loss_func=values_func),
+                           seq_length=self.seq_length,
                            micro_batch_size=mbs, collect_data=True)
         values = torch.cat(out) if out else torch.zeros(len(padded))
         if ps.get_pipeline_model_parallel_world_size() > 1:
