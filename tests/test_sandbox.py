@@ -9,6 +9,7 @@ and the test process' secret environment variable appears in no output.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from megatron_ernie.rewards.registry import build_source
 from megatron_ernie.rewards.sandbox import (AUDIT, ROOT_NS, USER_NS, CodeSandboxSource, Sandbox, SandboxLimits,
                                             extract_code, select_isolation)
 from megatron_ernie.rewards.types import RewardSample
+
+from tests.sandbox_attacks import ATTACKS, TIME_LIMITS, Hostile
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = f"sbxmark{uuid.uuid4().hex[:10]}"  # in every path/process a hostile program tries to leave
@@ -131,19 +134,6 @@ def _sample(prompt: str, code: str, tests, wrap: str = "Here is my solution:\n``
 # Hostile programs
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Hostile:
-    name: str
-    code: str
-    reasons: tuple = ()          # acceptable reasons (substrings); empty: any non-empty reason
-    task: str = "sum"            # "sum": stdin/stdout tests; "add": assertion tests
-    stdout: str | None = None    # a regex the first test's stdout must match (the barrier held)
-    forbid: str | None = None    # a regex its stdout must not match
-
-
-# Which of CPU and wall time runs out first depends on the machine's load: hostile programs accept
-# either (the bound holds both ways); test_cpu_and_wall_limits_are_told_apart pins each one.
-TIME_LIMITS = ("cpu time limit", "timeout")
 HOSTILE = [
     Hostile("fork_bomb", """
 import json
@@ -347,11 +337,10 @@ for path in ("/proc/self/mem", "m"):
         print("opened", path)
     except PermissionError as e:
         print("denied", path)
-os.path.realpath = os.path.basename = lambda p: "harmless"
 open("m", "rb")
-""", ("blocked",), stdout=r"^denied /proc/self/mem\ndenied m\n$"),
+""", ("runtime error: PermissionError",), stdout=r"^denied /proc/self/mem\ndenied m\n$"),
     # --- assertion-test harness tampering ---
-    Hostile("exit_before_tests", "import os\nos._exit(0)\n", ("no verdict",), task="add"),
+    Hostile("exit_before_tests", "import os\nos._exit(0)\n", ("exited before the tests ran",), task="add"),
     Hostile("system_exit_before_tests", "raise SystemExit(0)\n", ("exited before the tests ran",), task="add"),
     Hostile("fake_verdicts_and_pass_marker", """
 import json
@@ -363,7 +352,7 @@ for fd in range(3, 64):
     except OSError:
         pass
 os._exit(0)
-""", ("verdict channel tampered", "no verdict"), task="add"),
+""", ("program sent garbage", "exited before the tests ran"), task="add"),
     Hostile("monkeypatch_harness_and_builtins", """
 import builtins, sys
 def add(a, b):
@@ -379,7 +368,7 @@ for mod in list(sys.modules.values()):
                 setattr(mod, name, passthrough)
             except Exception:
                 pass
-""", ("assertion failed",), task="add"),
+""", ("assertion failed", "program died during the test", "program sent garbage", "exited before the tests ran"), task="add"),
     Hostile("always_equal_object", """
 class AlwaysEqual:
     def __eq__(self, other):
@@ -389,7 +378,7 @@ class AlwaysEqual:
     __hash__ = None
 def add(a, b):
     return AlwaysEqual()
-""", ("assertion failed",), task="add"),
+""", ("compared an object of the program's own class",), task="add"),
     Hostile("always_equal_int_subclass", """
 class Liar(int):
     __eq__ = int.__ge__
@@ -408,7 +397,7 @@ def add(a, b):
         1 / 0
     except ZeroDivisionError as e:
         return e.__traceback__.tb_frame.f_back.f_locals
-""", ("blocked",), task="add"),
+""", (), task="add"),
     Hostile("steal_frames_with_signal_handler", """
 import os, signal
 got = []
@@ -416,7 +405,7 @@ signal.signal(signal.SIGUSR1, lambda s, frame: got.append(frame))
 def add(a, b):
     os.kill(os.getpid(), signal.SIGUSR1)
     return got[0].f_back.f_locals
-""", ("runtime error: AttributeError",), task="add"),
+""", (), task="add"),
     Hostile("swap_harness_code", """
 import _signal
 def add(a, b):
@@ -425,9 +414,10 @@ def add(a, b):
         if callable(f) and hasattr(f, "__code__") and f is not add:
             f.__code__ = (lambda *a, **k: True).__code__
     return 0
-""", ("blocked",), task="add"),
+""", (), task="add"),
 ]
-assert len(HOSTILE) >= 30
+HOSTILE += ATTACKS
+assert len(HOSTILE) >= int(os.environ.get("SANDBOX_MIN_HOSTILE", 60))
 
 
 def _fill(code: str, host: Host) -> str:
@@ -441,6 +431,7 @@ def _fill(code: str, host: Host) -> str:
 def test_hostile_program_earns_nothing_and_leaves_host_untouched(h: Hostile, source, host):
     mem_before, rss_before, n_runs = _mem_available(), _rss(), len(source.runs)
     prompt, tests = (SUM_PROMPT, SUM_TESTS) if h.task == "sum" else (ADD_PROMPT, ADD_TESTS)
+    tests = h.tests or tests
     [res] = source.score([_sample(prompt, _fill(h.code, host), tests)])
     assert res.reward == 0.0 and res.reason and not res.failed, res
     if h.reasons:
@@ -468,6 +459,125 @@ def test_cpu_and_wall_limits_are_told_apart():
     res = Sandbox(SandboxLimits(wall_time_s=0.5, cpu_time_s=10.0), concurrency=1).run(
         "import time\ntime.sleep(60)\n", [{"input": "", "output": ""}])
     assert res.reason == "timeout" and 0.5 <= res.outcomes[0].wall_s < 2.0 and res.outcomes[0].cpu_s < 0.3, res
+
+
+# SysV segments and queues, keys, abstract sockets and files: one run makes them all, the next
+# (same slot, same uid) looks for them. Run with and without seccomp: without it the key is made,
+# and it is the keyring clearing that keeps it from the next run.
+_SYSCALLS = "import ctypes, errno, os, socket\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n" \
+            "ADD_KEY, KEYCTL = {'x86_64': (248, 250), 'aarch64': (217, 219)}[os.uname().machine]\n"
+PERSIST = _SYSCALLS + """
+shm = libc.shmget(0x5EED, 1 << 20, 0o1666)
+print("shm", "ok" if shm >= 0 and libc.shmat(shm, None, 0) not in (None, -1) else errno.errorcode[ctypes.get_errno()])
+print("msg", "ok" if libc.msgget(0x5EED, 0o1666) >= 0 else errno.errorcode[ctypes.get_errno()])
+key = libc.syscall(ADD_KEY, b"user", b"@TAG@", b"secret", 6, -4)
+print("key", "ok" if key >= 0 else errno.errorcode[ctypes.get_errno()])
+s = socket.socket(socket.AF_UNIX)
+s.bind("\\0@TAG@")
+s.listen()
+for path in ("/tmp/@TAG@", "/dev/shm/@TAG@", "@TAG@"):
+    open(path, "w").write("x")
+print("left")
+"""
+LOOK = _SYSCALLS + """
+print("shm", errno.errorcode[ctypes.get_errno()] if libc.shmget(0x5EED, 0, 0) < 0 else "FOUND")
+print("msg", errno.errorcode[ctypes.get_errno()] if libc.msgget(0x5EED, 0) < 0 else "FOUND")
+found = libc.syscall(KEYCTL, 10, -4, b"user", b"@TAG@", 0)  # KEYCTL_SEARCH in the user keyring
+print("key", "absent" if found < 0 and ctypes.get_errno() in (errno.EPERM, errno.ENOKEY) else "FOUND")
+try:
+    socket.socket(socket.AF_UNIX).connect("\\0@TAG@")
+    print("socket FOUND")
+except OSError:
+    print("socket absent")
+print("files", "FOUND" if any(os.path.exists(p) for p in ("/tmp/@TAG@", "/dev/shm/@TAG@", "@TAG@")) else "absent")
+"""
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_nothing_a_run_leaves_reaches_the_next_run(seccomp, host):
+    box = Sandbox(LIMITS, concurrency=1, seccomp=seccomp)
+    assert ("seccomp" in box.hardening) is seccomp
+    made = box.run(_fill(PERSIST, host), [{"input": "", "output": f"shm ok\nmsg ok\nkey {'EPERM' if seccomp else 'ok'}\nleft"}])
+    assert made.passed == 1, made.outcomes[0]
+    seen = box.run(_fill(LOOK, host), [{"input": "", "output": "shm ENOENT\nmsg ENOENT\nkey absent\nsocket absent\nfiles absent"}])
+    assert seen.passed == 1, seen.outcomes[0]
+    for marker in MARKERS:
+        assert not marker.exists()
+
+
+def test_segments_and_queues_do_not_outlive_a_test_of_the_same_program():
+    """Each test has its own IPC namespace: the second test of one program finds nothing."""
+    code = _SYSCALLS + "import sys\nfirst = sys.stdin.read().strip() == 'make'\n" \
+        "print(libc.shmget(0x5EED, 4096, 0o1666 if first else 0) >= 0)\n"
+    res = Sandbox(LIMITS, concurrency=1).run(code, [{"input": "make", "output": "True"}, {"input": "look", "output": "False"}])
+    assert res.passed == 2, res.outcomes
+
+
+def test_shared_memory_counts_against_the_memory_limit(host):
+    """Detached SysV segments are in no process's RSS: three times the limit of them is stopped
+    by the slot's memory cgroup, and the memory comes back when the run ends."""
+    mem_before = _mem_available()
+    code = _SYSCALLS + """
+libc.shmat.restype = ctypes.c_void_p
+for _ in range(12):  # 12 x 96 MiB = 3 x the 384 MiB limit
+    seg = libc.shmget(0, 96 << 20, 0o1600)
+    addr = libc.shmat(seg, None, 0)
+    ctypes.memset(addr, 1, 96 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+print("held")
+"""
+    box = Sandbox(dataclasses.replace(LIMITS, wall_time_s=5.0, cpu_time_s=4.0), concurrency=1, memory_cgroup=True)
+    assert box.hardening[0] == "memory-cgroup-v1" or box.hardening[0] == "memory-cgroup-v2"
+    res = box.run(code, [{"input": "", "output": "held"}])
+    assert res.reason == "memory limit" and res.outcomes[0].stdout == "", res.outcomes[0]
+    # The kernel frees the segments with the IPC namespace, shortly after its last process: the
+    # next run in the slot, started at once, still gets its whole limit.
+    honest = box.run("x = bytearray(300 << 20)\nprint(len(x) >> 20)", [{"input": "", "output": "300"}])
+    assert honest.passed == 1, honest.outcomes[0]
+    deadline = time.monotonic() + 2.0
+    while _mem_available() < mem_before - (256 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mem_available() > mem_before - (256 << 20)
+
+
+def test_seccomp_is_what_refuses_namespaces_and_keyrings():
+    """An unprivileged uid may create a user namespace and keys; the filter takes both away."""
+    code = _SYSCALLS + """
+for name, call in (("unshare", lambda: libc.unshare(0x10000000)), ("keyctl", lambda: libc.syscall(KEYCTL, 0, -3, 0)),
+                   ("bpf", lambda: libc.syscall(321 if os.uname().machine == "x86_64" else 280, 0, 0, 0))):
+    rc = call()
+    print(name, "ok" if rc >= 0 else errno.errorcode[ctypes.get_errno()])
+"""
+    test = [{"input": "", "output": "?"}]
+    filtered = Sandbox(LIMITS, concurrency=1, seccomp=True).run(code, test).outcomes[0].stdout
+    assert filtered == "unshare EPERM\nkeyctl EPERM\nbpf EPERM\n", filtered
+    unfiltered = Sandbox(LIMITS, concurrency=1, seccomp=False).run(code, test).outcomes[0].stdout
+    assert unfiltered.startswith("unshare ok\nkeyctl ok\n"), unfiltered
+
+
+def test_required_hardening_is_refused_where_missing(monkeypatch):
+    from megatron_ernie.rewards import sandbox_cgroup
+    monkeypatch.setattr(sandbox_cgroup, "memory_cgroup_dir", lambda: None)
+    with pytest.raises(ValueError, match="memory_cgroup=True: memory cgroup unavailable"):
+        Sandbox(LIMITS, memory_cgroup=True)
+    assert not any(h.startswith("memory-cgroup") for h in Sandbox(LIMITS).hardening)  # None: where available
+    probe = sandbox_mod.probe_isolation()
+    monkeypatch.setattr(sandbox_mod, "probe_isolation", lambda: dict(probe, seccomp=False))
+    with pytest.raises(ValueError, match="seccomp=True"):
+        Sandbox(LIMITS, seccomp=True)
+    assert "seccomp" not in Sandbox(LIMITS).hardening
+
+
+def test_slot_cgroups_are_made_limited_and_removed():
+    box = Sandbox(LIMITS, concurrency=2, memory_cgroup=True)
+    dirs = list(box._cgroups.dirs)
+    assert len(dirs) == 2 and all(d.is_dir() for d in dirs)
+    if box._cgroups.version == 1:
+        assert all(int((d / "memory.limit_in_bytes").read_text()) == LIMITS.memory_bytes for d in dirs)
+    del box
+    import gc
+    gc.collect()
+    assert not any(d.exists() for d in dirs)
 
 
 def test_network_namespace_has_no_usable_interface(source):
@@ -545,6 +655,125 @@ if __name__ == "__main__":
 """, ADD_TESTS),
 ]
 
+
+# Assertion tests in the shapes datasets write them: every comparison runs in the evaluator, over
+# the plain values the program's functions return.
+HONEST += [
+    ("isclose_tolerance_with_the_programs_math_import", """
+import math
+def area(r):
+    return math.pi * r * r
+""", [{"code": "assert math.isclose(area(2), 12.566370614359172)"},   # `math` from the program's import
+      {"code": "assert abs(area(1) - 3.14159265) < 1e-6\nassert area(0) <= 1e-12"},
+      {"code": "from math import isclose\nassert isclose(area(3), 28.274, rel_tol=1e-3)"}]),
+    ("membership_and_ordering", """
+def primes(n):
+    return [p for p in range(2, n) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+""", [{"code": "assert 7 in primes(10) and 4 not in primes(10)\nassert primes(10) == [2, 3, 5, 7]"},
+      {"code": "assert max(primes(100)) < 100 <= 101\nassert sorted(primes(20), reverse=True)[0] == 19"},
+      {"code": "cases = [(2, []), (3, [2]), (12, [2, 3, 5, 7, 11])]\nfor n, want in cases:\n    assert primes(n) == want, n"}]),
+    ("fraction_and_decimal_results", """
+from fractions import Fraction
+from decimal import Decimal
+def harmonic(n):
+    return sum(Fraction(1, k) for k in range(1, n + 1))
+def total(price, qty):
+    return Decimal(price) * qty
+""", [{"code": "from fractions import Fraction\nassert harmonic(3) == Fraction(11, 6)\nassert harmonic(1) == 1"},
+      {"code": "from decimal import Decimal\nassert total('1.10', 3) == Decimal('3.30')\nassert isinstance(total('2', 2), Decimal)"}]),
+    ("classes_instances_and_len", """
+class Solution:
+    def twoSum(self, nums, target):
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, x):
+        self.items.append(x)
+    def pop(self):
+        return self.items.pop()
+    def __len__(self):
+        return len(self.items)
+""", [{"code": "assert Solution().twoSum([2, 7, 11, 15], 9) == [0, 1]"},
+      {"code": "s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2\nassert len(s) == 1 and s\nassert s.items == [1]"}]),
+    ("generators_and_iteration", """
+def fib():
+    a, b = 0, 1
+    while True:
+        yield a
+        a, b = b, a + b
+def squares(n):
+    return (i * i for i in range(n))
+""", [{"code": "import itertools\nassert list(itertools.islice(fib(), 7)) == [0, 1, 1, 2, 3, 5, 8]"},
+      {"code": "assert sum(squares(4)) == 14 and list(squares(1000))[-1] == 998001\nassert 9 in squares(5)"}]),
+    ("in_place_mutation_and_keyword_arguments", """
+def rotate(m):
+    m[:] = [list(r) for r in zip(*m[::-1])]
+def sort_in_place(xs, *, reverse=False):
+    xs.sort(reverse=reverse)
+def tally(words, counts):
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+""", [{"code": "m = [[1, 2], [3, 4]]\nrotate(m)\nassert m == [[3, 1], [4, 2]]"},
+      {"code": "xs = [3, 1, 2]\nsort_in_place(xs, reverse=True)\nassert xs == [3, 2, 1]"},
+      {"code": "c = {'a': 1}\ntally(['a', 'b'], c)\nassert c == {'a': 2, 'b': 1}"}]),
+    ("exceptions_cross_as_their_builtin_base", """
+class InsufficientFunds(ValueError):
+    pass
+def withdraw(balance, amount):
+    if amount > balance:
+        raise InsufficientFunds("balance too low")
+    return balance - amount
+""", [{"code": "try:\n    withdraw(1, 5)\nexcept ValueError as e:\n    assert 'too low' in str(e)\n"
+               "    assert type(e).__name__ == 'InsufficientFunds'\nelse:\n    raise AssertionError('no error')"},
+      {"code": "assert withdraw(5, 1) == 4"}]),
+    ("subclass_results_arrive_as_plain_values", """
+import collections, dataclasses, enum
+Point = collections.namedtuple("Point", "x y")
+class Color(enum.IntEnum):
+    RED = 1
+@dataclasses.dataclass
+class Item:
+    name: str
+    qty: int
+def point():
+    return Point(1, 2)
+def letters(s):
+    return collections.Counter(s)
+def red():
+    return Color.RED
+def item():
+    return Item("pen", 3)
+""", [{"code": "assert point() == (1, 2) and letters('aab') == {'a': 2, 'b': 1} and red() == 1"},
+      {"code": "it = item()\nassert (it.name, it.qty) == ('pen', 3)"}]),
+    ("humaneval_check_constants_and_shadowing", """
+LIMIT = 100
+TABLE = {i: i * i for i in range(5)}
+def has_close_elements(numbers, threshold):
+    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])
+def max(xs):  # the task's own max; the test's builtin max stays the builtin
+    best = xs[0]
+    for x in xs:
+        best = x if x > best else best
+    return best
+""", [{"code": "def check(candidate):\n    assert candidate([1.0, 2.0, 3.0], 0.5) is False\n"
+               "    assert candidate([1.0, 2.8, 3.0], 0.3) is True\ncheck(has_close_elements)"},
+      {"code": "assert LIMIT == 100 and TABLE[4] == 16\nassert max(1, 2) == 2\n"
+               "from solution import max as task_max\nassert task_max([3, 9, 2]) == 9"}]),
+    ("big_values_and_many_calls", """
+import math
+def fact(n):
+    return math.factorial(n)
+def echo(x):
+    return x
+""", [{"code": "assert fact(3000) == math.factorial(3000) and fact(30) == 265252859812191058636308480000000"},
+      {"code": "v = {'k': [1, (2.5, None), {3, 4}, frozenset({5}), b'x', bytearray(b'y'), 1 + 2j, range(3)]}\n"
+               "assert echo(v) == v\nassert all(echo(i) == i for i in range(2000))"}]),
+]
 
 @pytest.mark.parametrize("name,code,tests", HONEST, ids=[h[0] for h in HONEST])
 def test_honest_program_gets_full_reward(name, code, tests, source):

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+import regex
+
 from megatron_ernie.rewards.registry import register_source
 from megatron_ernie.rewards.text import strip_think
 from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
@@ -85,8 +87,8 @@ def _validate_value(k: Key, v: Any) -> str | None:
         if not isinstance(v, str) or not v:
             return _bad("a regular expression string", v)
         try:
-            re.compile(v)
-        except re.error as e:
+            regex.compile(v)
+        except regex.error as e:
             return f"invalid regular expression {v!r}: {e}"
     elif k.kind == "language":
         try:
@@ -205,6 +207,7 @@ def script_of(ch: str) -> str:
 
 
 _PER_CHAR_SCRIPTS = {"Han", "Hiragana", "Katakana"}
+REGEX_TIMEOUT_S = 1.0  # contains_regex: per criterion and response
 _WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 
 
@@ -449,7 +452,10 @@ def _ends(text, o):
 @criterion("contains_regex", value=Key("regex", required=True), ignore_case=Key("bool", default=False),
            min_count=Key("int", default=1), max_count=Key("int"))
 def _contains_regex(text, o):
-    n = len(re.findall(o["value"], text, re.I if o["ignore_case"] else 0))
+    try:  # the `regex` package's timeout: a pattern from data must not stall the batch
+        n = len(regex.findall(o["value"], text, regex.I if o["ignore_case"] else 0, timeout=REGEX_TIMEOUT_S))
+    except TimeoutError:
+        return False, f"regex timed out after {REGEX_TIMEOUT_S:g}s"
     return _in_bounds(n, (o["min_count"], o["max_count"]), "matches")
 
 

@@ -2,28 +2,39 @@
 
     sandbox = Sandbox(SandboxLimits(wall_time_s=2), concurrency=2)
     res = sandbox.run("print(int(input()) * 2)", [{"input": "2", "output": "4"}])
-    res.passed, res.total, res.reason, res.isolation
+    res.passed, res.total, res.reason, res.isolation, sandbox.hardening
 
 Tests: {"input": str, "output": str} stdin/stdout cases (stripped output compared, trailing
-whitespace of each line ignored) and {"code": str} assertion snippets run after the program in its
-namespace (the program runs as module `solution` there, so its `if __name__ == "__main__":` block
-does not). Each test runs in a fresh process. Programs get the standard library only (`-I -S`).
+whitespace of each line ignored; the expected output never enters the sandbox) and {"code": str}
+assertion tests. An assertion test runs in a trusted evaluator process, apart from the program:
+the program runs as module `solution` in its own process (its `if __name__ == "__main__":` block
+does not run) and its functions are called across the two with plain data only
+(`sandbox_calls`), so no object, patched module, forked child or descriptor of the program can
+change a verdict. Each test runs in fresh processes. Programs get the standard library only (`-I -S`).
 
 Isolation (`Sandbox.isolation`, recorded in every result):
 - "root-namespaces" (running as root): new network (loopback down, no interface), mount, pid,
   ipc and uts namespaces; a private tmpfs root with the system and Python directories bound
-  read-only; tests run as a per-slot unprivileged uid (`uid_base + slot`), no_new_privs, not
-  dumpable; pid 1 of the namespace kills every leftover process after each test.
+  read-only; the program runs as a per-slot unprivileged uid (`uid_base + slot`), the evaluator
+  as another (`uid_base + concurrency + slot`), both no_new_privs and not dumpable; pid 1 of the
+  namespace kills every leftover process after each test.
 - "user-namespaces" (not root, kernel allows unprivileged user namespaces): the same namespaces
-  and root, the test process being root of its user namespace with every capability dropped.
+  and root, the test processes being root of their user namespace with every capability dropped.
 - "audit-hook" (neither): a Python audit hook refuses sockets, starting programs, signalling
-  processes and changing files outside the private host temp directory it runs in; rlimits; a
-  child subreaper that kills every descendant (as root also the per-slot uid). Best effort only:
-  anything that gets past the Python level gets past the sandbox.
+  processes, ctypes and changing files outside the private host temp directory it runs in;
+  rlimits; a child subreaper that kills every descendant (as root also the per-slot uid). Best
+  effort only: anything that gets past the Python level gets past the sandbox.
+
+Hardening (`Sandbox.hardening`, recorded too): "memory-cgroup-v1" / "memory-cgroup-v2" — the
+kernel's memory controller bounds everything the program's processes touch, shared memory and
+page cache included (a per-slot cgroup, made where this process may, i.e. as root); "seccomp" — a
+libseccomp filter refusing keyrings, ptrace, mounts, namespaces, bpf and the like;
+"ipc-namespace-per-test" — no SysV segment, semaphore or queue survives a test.
 
 Limits (`SandboxLimits`) hold in every mode: wall time and output size watched by the
-supervisor, CPU time and resident memory summed over the test's processes by the supervisor and
-backed per process by RLIMIT_CPU / RLIMIT_AS, RLIMIT_NPROC / NOFILE / FSIZE, no core dumps.
+supervisor, CPU time summed over the program's processes by the supervisor and backed per
+process by RLIMIT_CPU, memory by the cgroup (else the supervisor's sum of resident memory) and
+RLIMIT_AS per process, RLIMIT_NPROC / NOFILE / FSIZE, no core dumps.
 
 The sandbox never raises for bad code: hostile or broken programs get reward 0 and a reason.
 """
@@ -44,7 +55,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 from megatron_ernie.rewards.registry import register_source
-from megatron_ernie.rewards.sandbox_runner import AUDIT, ROOT_NS, USER_NS, command, decode_frames
+from megatron_ernie.rewards.sandbox_cgroup import MemoryCgroups
+from megatron_ernie.rewards.sandbox_runner import AUDIT, ROOT_NS, USER_NS, command, decode_frames, encode_frame
 from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
 
 ISOLATION_MODES = (ROOT_NS, USER_NS, AUDIT)
@@ -195,10 +207,81 @@ def _release_uids(uids: list[int]) -> None:
 # The sandbox
 # ---------------------------------------------------------------------------------------------
 
-class Sandbox:
-    """At most `concurrency` programs at a time, each in its own isolated runner process."""
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+    uid: int        # the program's processes
+    eval_uid: int   # the evaluator of assertion tests
 
-    def __init__(self, limits: SandboxLimits | None = None, concurrency: int = 2, isolation: str | None = None):
+
+@dataclass
+class _Runner:
+    """A started runner waiting for its job, and the memfd it will give the evaluators their
+    tests through."""
+    proc: subprocess.Popen
+    tests_fd: int
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            _kill_group(self.proc.pid)
+        self.proc.communicate()
+        os.close(self.tests_fd)
+
+
+class _RunnerPool:
+    """Each slot's next runner is started while its current program runs, so the interpreter's
+    start-up, its imports and the seccomp filter are off the next program's critical path.
+    Runners are started from one long-lived thread: a runner dies with the thread that started
+    it (PR_SET_PDEATHSIG follows the thread), and a pool thread of `run_many` may be gone soon."""
+
+    def __init__(self, mode: str, cgroups: MemoryCgroups | None, seccomp: bool, memory_bytes: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.mode, self.cgroups, self.seccomp, self.memory_bytes = mode, cgroups, seccomp, memory_bytes
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="sandbox-runners")
+        self._ready: dict = {}
+
+    def _start(self, slot: _Slot) -> _Runner:
+        fd = os.memfd_create("sandbox-tests", os.MFD_CLOEXEC)
+        proc = subprocess.Popen(command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=_RUNNER_ENV, cwd="/", close_fds=True, pass_fds=(fd,), start_new_session=True)
+        prep = {"mode": self.mode, "cgroup": self.cgroups.spec(slot.index) if self.cgroups else None,
+                "seccomp": self.seccomp}
+        try:
+            proc.stdin.write(encode_frame(prep))
+            proc.stdin.flush()
+        except OSError:
+            pass  # it died at once: take() sees that and says why
+        return _Runner(proc, fd)
+
+    def take(self, slot: _Slot) -> _Runner:
+        """The slot's waiting runner (started now if there is none), and the next one started."""
+        fut = self._ready.pop(slot.index, None) or self._spawner.submit(self._start, slot)
+        runner = fut.result()
+        if runner.proc.poll() is not None:  # died while it waited (killed from outside): start another
+            runner.close()
+            runner = self._spawner.submit(self._start, slot).result()
+        self._ready[slot.index] = self._spawner.submit(self._start, slot)
+        if self.cgroups:  # the last program's memory is uncharged before this one joins
+            self.cgroups.settle(slot.index, self.memory_bytes)
+        return runner
+
+    def close(self) -> None:
+        for fut in list(self._ready.values()):
+            fut.result().close()
+        self._ready.clear()
+        self._spawner.shutdown(wait=True)
+        if self.cgroups:
+            self.cgroups.close()
+
+
+class Sandbox:
+    """At most `concurrency` programs at a time, each in its own isolated runner process.
+
+    `memory_cgroup` / `seccomp`: None uses them where available, True requires them (ValueError
+    when missing), False never uses them."""
+
+    def __init__(self, limits: SandboxLimits | None = None, concurrency: int = 2, isolation: str | None = None,
+                 memory_cgroup: bool | None = None, seccomp: bool | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.limits = limits or SandboxLimits()
@@ -211,11 +294,33 @@ class Sandbox:
         elif isolation != AUDIT and not probe.get(isolation):
             raise ValueError(f"isolation={isolation!r} is not available here (probe: {probe})")
         self._isolation = isolation
-        self.slot_uids = _take_uids(self.limits.uid_base, concurrency)
-        weakref.finalize(self, _release_uids, list(self.slot_uids))
-        self._slots: queue.Queue[int] = queue.Queue()
-        for uid in self.slot_uids:
-            self._slots.put(uid)
+        if seccomp and not probe.get("seccomp"):
+            raise ValueError("seccomp=True but no seccomp filter loads here (is libseccomp2 installed?)")
+        self._seccomp = bool(probe.get("seccomp")) if seccomp is None else seccomp
+        self._cgroups = None
+        if memory_cgroup is not False:
+            try:
+                self._cgroups = MemoryCgroups.create(concurrency, self.limits.memory_bytes, required=bool(memory_cgroup))
+            except OSError as e:
+                raise ValueError(f"memory_cgroup=True: {e}") from None
+        self._runners = _RunnerPool(isolation, self._cgroups, self._seccomp, self.limits.memory_bytes)
+        weakref.finalize(self, self._runners.close)
+        uids = _take_uids(self.limits.uid_base, 2 * concurrency)
+        self.slot_uids = uids  # every uid this sandbox's processes may run as
+        weakref.finalize(self, _release_uids, list(uids))
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        for i in range(concurrency):
+            self._slots.put(_Slot(i, uids[i], uids[concurrency + i]))
+
+    @property
+    def hardening(self) -> tuple[str, ...]:
+        """What holds beyond the isolation mode (see the module docstring)."""
+        out = [self._cgroups.name] if self._cgroups else []
+        if self._seccomp:
+            out.append("seccomp")
+        if os.geteuid() == 0 or self.isolation == USER_NS:
+            out.append("ipc-namespace-per-test")
+        return tuple(out)
 
     @property
     def isolation(self) -> str:
@@ -232,11 +337,11 @@ class Sandbox:
         if not code.strip():
             outcomes = [TestOutcome(False, "no code") for _ in tests]
             return SandboxResult(0, len(tests), outcomes, "no code", self.isolation)
-        uid = self._slots.get()
+        slot = self._slots.get()
         try:
-            res = self._run_in_slot(code, tests, uid)
+            res = self._run_in_slot(code, tests, slot)
         finally:
-            self._slots.put(uid)
+            self._slots.put(slot)
         res.seconds = round(time.perf_counter() - t0, 4)
         return res
 
@@ -250,28 +355,33 @@ class Sandbox:
 
     # -- one program ---------------------------------------------------------------------------
 
-    def _run_in_slot(self, code: str, tests: list[dict], uid: int) -> SandboxResult:
-        lim = self.limits
-        job = {"mode": self.isolation, "uid": uid, "gid": uid, "limits": asdict(lim), "code": code,
-               # expected outputs stay here: the sandbox only ever sees inputs and assertion code
-               "tests": [{"code": t["code"]} if "code" in t else {"input": t["input"]} for t in tests]}
+    def _run_in_slot(self, code: str, tests: list[dict], slot: _Slot) -> SandboxResult:
+        lim, uid = self.limits, slot.uid
+        runner = self._runners.take(slot)
+        # The assertion tests' code (and the values it expects) goes in a memfd that only the
+        # evaluator reads: the processes that run the program never hold it. Expected outputs of
+        # stdin/stdout tests never leave this process.
+        os.pwrite(runner.tests_fd, marshal.dumps([t.get("code") for t in tests]), 0)
+        job = {"mode": self.isolation, "uid": uid, "gid": uid, "eval_uid": slot.eval_uid, "limits": asdict(lim),
+               "code": code, "tests": [{"code": True} if "code" in t else {"input": t["input"]} for t in tests],
+               "tests_fd": runner.tests_fd,
+               # without seccomp, keys a program stores in its uid's keyrings outlive it
+               "clear_keys": not self._seccomp and os.geteuid() == 0 and self.isolation != USER_NS}
         workdir = None
         if self.isolation == AUDIT:
             workdir = job["workdir"] = tempfile.mkdtemp(prefix="sandbox-")
             if os.geteuid() == 0:
                 os.chown(workdir, uid, uid)
         budget = 10.0 + len(tests) * (lim.wall_time_s + 2.0)
-        stderr = b""
+        proc = runner.proc
         try:
-            proc = subprocess.Popen(command(), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_RUNNER_ENV,
-                                    cwd="/", close_fds=True, start_new_session=True)
             try:
-                out, stderr = proc.communicate(marshal.dumps(job), timeout=budget)
+                out, stderr = proc.communicate(encode_frame(job), timeout=budget)
             except subprocess.TimeoutExpired:
                 _kill_group(proc.pid)
                 out, stderr = proc.communicate()
         finally:
+            os.close(runner.tests_fd)
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
         reports, error = _parse_reports(out)
@@ -296,6 +406,8 @@ def _failure_reason(test: dict, rep: dict, lim: SandboxLimits) -> str:
     """"" when the test passed, else why not. Limits first, then what the harness reported, then
     the answer itself. Only the output comparison and the nonce-checked verdict can pass a test."""
     over_cpu = rep["cpu_s"] >= lim.cpu_time_s
+    if rep.get("oom"):  # the kernel's OOM killer acted in the slot's cgroup: the cause, whatever came next
+        return "memory limit"
     if rep["limit"] == "timeout":
         return "cpu time limit" if over_cpu else "timeout"
     if rep["limit"]:
@@ -318,7 +430,7 @@ def _failure_reason(test: dict, rep: dict, lim: SandboxLimits) -> str:
         return f"exit code {rep['exit']}"
     if "code" in test:
         if not v:
-            return "no verdict (exited before the tests ran)"
+            return "no verdict"
         return "" if v["status"] == "pass" else "failed"
     return "" if _normalize_output(rep["stdout"]) == _normalize_output(test["output"]) else "wrong answer"
 
@@ -354,16 +466,20 @@ _LIMIT_FIELDS = frozenset(f.name for f in fields(SandboxLimits))
 @register_source("sandbox")
 class CodeSandboxSource(PerSampleSource):
     """`type: sandbox`. Options: `concurrency` (default 2), `isolation` (default: strongest
-    available) and any `SandboxLimits` field. Reward = passed / total tests.
-    details: passed, total, outcomes (one short string per test), isolation, reason."""
+    available), `memory_cgroup` and `seccomp` (default: where available; true: required) and any
+    `SandboxLimits` field. Reward = passed / total tests.
+    details: passed, total, outcomes (one short string per test), isolation, hardening, reason."""
 
     name = "sandbox"
 
-    def __init__(self, concurrency: int = 2, isolation: str | None = None, **limits):
+    def __init__(self, concurrency: int = 2, isolation: str | None = None, memory_cgroup: bool | None = None,
+                 seccomp: bool | None = None, **limits):
         unknown = sorted(set(limits) - _LIMIT_FIELDS)
         if unknown:
-            raise TypeError(f"unknown sandbox option(s) {unknown}; known: concurrency, isolation, {', '.join(sorted(_LIMIT_FIELDS))}")
-        self.sandbox = Sandbox(SandboxLimits(**limits), concurrency=concurrency, isolation=isolation)
+            raise TypeError(f"unknown sandbox option(s) {unknown}; known: concurrency, isolation, memory_cgroup, "
+                            f"seccomp, {', '.join(sorted(_LIMIT_FIELDS))}")
+        self.sandbox = Sandbox(SandboxLimits(**limits), concurrency=concurrency, isolation=isolation,
+                               memory_cgroup=memory_cgroup, seccomp=seccomp)
         self.concurrency = concurrency
 
     @property
@@ -377,5 +493,5 @@ class CodeSandboxSource(PerSampleSource):
             return RewardResult.failure(self.name, f"bad tests: {e}", isolation=self.isolation)
         res = self.sandbox.run(extract_code(sample.response), tests)
         details = {"passed": res.passed, "total": res.total, "outcomes": [o.short for o in res.outcomes],
-                   "isolation": res.isolation, "reason": res.reason}
+                   "isolation": res.isolation, "hardening": list(self.sandbox.hardening), "reason": res.reason}
         return RewardResult(res.fraction, self.name, reason=res.reason, failed=res.error, details=details)

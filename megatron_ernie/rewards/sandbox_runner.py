@@ -1,24 +1,34 @@
 """Child side of the code sandbox (see `sandbox.py`); standard library only.
 
-Started once per scored program (`command()`: `python -I -S`, this module imported), it reads one
-job (marshal) from stdin, isolates itself, runs every test in a fresh forked child and writes one
-frame per test to stdout. Everything that needs privilege or namespaces happens here, after exec, so the parent
-never needs `preexec_fn` (not thread-safe) and stays free of this module's imports.
+Started once per scored program (`command()`: `python -I -S`, this module and `sandbox_calls`
+imported), it reads one job (marshal) from stdin, isolates itself, runs every test in fresh forked
+processes and writes one frame per test to stdout. Everything that needs privilege or namespaces
+happens here, after exec, so the parent never needs `preexec_fn` (not thread-safe) and stays free
+of this module's imports.
 
 Process tree in the namespace modes:
 
     runner (unshares net/mount/pid/ipc/uts, waits)
       └─ init, pid 1 of the new pid namespace (builds the private root, mounts /proc, runs the
          │  tests, watches their time/memory/output, kills and reaps leftovers)
-         └─ test child (limits itself, drops privileges, runs program + test), one per test
+         ├─ candidate, one per test: the program (stdin/stdout test: reads the input, prints;
+         │  assertion test: defines its functions, then serves calls, see `sandbox_calls`)
+         └─ evaluator, one per assertion test: runs the test code, calling into the candidate
+            with plain data only, and writes the verdict
 
 In "audit-hook" mode the runner is the init: no namespaces, a child subreaper instead of pid 1.
 
-What leaves the sandbox: the test child's stdout/stderr (capped) and one verdict line on a private
-pipe, prefixed with a per-test random nonce. The parent decides pass/fail: stdin/stdout cases by
-comparing the output itself (expected outputs never enter the sandbox); assertion cases from the
-verdict line, which the program can only forge by digging the nonce out of the harness' memory —
-frames, gc, ctypes and /proc/*/mem are blocked by an audit hook to make that hard.
+What the candidate gets: the slot's unprivileged uid, its own IPC namespace (no SysV segment or
+message queue outlives the test), the slot's memory cgroup when the parent made one (every page
+it, its children, its tmpfs files and shared memory touch counts), rlimits, no_new_privs, not
+dumpable, and a seccomp filter refusing the system calls a solution never needs (keyrings,
+ptrace, mounts, namespaces, bpf, ...) where libseccomp is installed. What leaves the sandbox: the
+candidate's stdout/stderr (capped) and one verdict line per test, prefixed with a per-test random
+nonce. The parent decides pass/fail: stdin/stdout cases by comparing the output itself (expected
+outputs never enter the sandbox); assertion cases from the verdict of the evaluator, which runs as
+another uid (not visible to the candidate, not ptrace-able, holding the only verdict pipe). The
+assertion tests' code reaches the evaluator through a memfd that init never reads, so no
+candidate (forked from init) has the test code or its expected values in its memory.
 """
 import ctypes
 import fcntl
@@ -32,23 +42,26 @@ import time
 
 ROOT_NS, USER_NS, AUDIT = "root-namespaces", "user-namespaces", "audit-hook"
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWCGROUP = 0x00020000, 0x04000000, 0x08000000, 0x02000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 M_ARENA_MAX = -8
 # statvfs f_flag bit -> mount flag; a read-only remount must keep what the source mount had
 # (in a user namespace the kernel refuses to clear locked flags).
 _ST_TO_MS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME, 4096: MS_RELATIME}
-_SYSCALLS = {"x86_64": {"pivot_root": 155, "capset": 126}, "aarch64": {"pivot_root": 41, "capset": 91}}
+_SYSCALLS = {"x86_64": {"pivot_root": 155, "capset": 126, "keyctl": 250},
+             "aarch64": {"pivot_root": 41, "capset": 91, "keyctl": 219}}
 
-USAGE_CHECK_S = 0.05  # how often the supervisor sums the test's memory and CPU time
+USAGE_CHECK_S = 0.05  # how often the supervisor sums the test's CPU time (and memory without a cgroup)
 PAGE_SIZE, CLOCK_TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
 WORKDIR = "/sandbox"  # inside the private root of the namespace modes
 VERDICT_FD = 3
 _libc = ctypes.CDLL(None, use_errno=True)
+calls = None  # the sandbox_calls module, bound by main()
 
 
 def _check(ret: int, what: str) -> int:
@@ -205,7 +218,150 @@ def _mount_proc(target: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running one test
+# Hardening: seccomp, the memory cgroup, keyrings
+# ---------------------------------------------------------------------------------------------
+
+# System calls no solution needs: each fails with EPERM. Also clone() with a namespace flag, and
+# clone3 with ENOSYS (its flags sit in memory a filter cannot read; glibc falls back to clone).
+SECCOMP_DENIED = (
+    "keyctl", "add_key", "request_key", "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "fsopen", "fsmount", "fspick",
+    "open_tree", "move_mount", "mount_setattr", "bpf", "perf_event_open", "userfaultfd",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+    "swapon", "swapoff", "acct", "quotactl", "syslog", "open_by_handle_at", "name_to_handle_at",
+    "lookup_dcookie", "fanotify_init", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
+    "iopl", "ioperm", "vhangup",
+)
+_SCMP_ACT_ALLOW, _SCMP_CMP_MASKED_EQ, _EPERM, _ENOSYS = 0x7FFF0000, 7, 1, 38
+_SECCOMP = []  # [the filter as BPF bytes] when the job asks for it
+
+
+class _ScmpArg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def seccomp_filter():
+    """(libseccomp, filter context) built once and loaded into every test process, or None where
+    libseccomp is not installed. Raises OSError when it is installed but refuses a rule."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return None
+    lib.seccomp_init.restype, lib.seccomp_init.argtypes = ctypes.c_void_p, [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ScmpArg)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+
+    def deny(name: str, errno: int, *conditions) -> None:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:
+            return  # not a system call of this architecture
+        args = (_ScmpArg * max(1, len(conditions)))(*conditions)
+        rc = lib.seccomp_rule_add_array(ctx, 0x00050000 | errno, nr, len(conditions), args)
+        if rc < 0:
+            raise OSError(-rc, f"seccomp rule for {name}: {os.strerror(-rc)}")
+
+    for name in SECCOMP_DENIED:
+        deny(name, _EPERM)
+    for flag in (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP):
+        deny("clone", _EPERM, _ScmpArg(0, _SCMP_CMP_MASKED_EQ, flag, flag))
+    deny("clone3", _ENOSYS)
+    return lib, ctx
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def seccomp_bpf(filt) -> bytes:
+    """The filter compiled to classic BPF once (libseccomp's seccomp_export_bpf), so each test
+    process installs it with one prctl instead of compiling it again."""
+    lib, ctx = filt
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    fd = os.memfd_create("seccomp-bpf", 0)
+    try:
+        rc = lib.seccomp_export_bpf(ctx, fd)
+        if rc < 0:
+            raise OSError(-rc, f"seccomp_export_bpf: {os.strerror(-rc)}")
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def _load_seccomp() -> None:
+    """Install the filter (no_new_privs must be set). Every test process does, after dropping
+    privileges and before the program or the test runs."""
+    for bpf in _SECCOMP:
+        prog = _SockFprog(len(bpf) // 8, bpf)
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "prctl(PR_SET_SECCOMP)")
+
+
+_CGROUP: dict = {}  # "procs" / "events": descriptors of the slot's memory cgroup, opened by _prepare()
+
+
+def _open_cgroup(spec) -> None:
+    """Opened while the runner waits for its job, and before the private root replaces the
+    host's file system: the descriptors stay usable from inside it."""
+    if spec:
+        _CGROUP["procs"] = os.open(spec["procs"], os.O_WRONLY | os.O_CLOEXEC)
+        _CGROUP["events"] = os.open(spec["events"], os.O_RDONLY | os.O_CLOEXEC)
+        _oom_score_adj(-1000)  # the supervisors are never the OOM killer's choice
+
+
+def _join_cgroup() -> None:
+    """Move this runner into the slot's memory cgroup: everything it forks (init, the test
+    processes, their children) is counted there. Done last while it waits for its job, off the
+    critical path (the first cgroup move after a quiet spell waits for an RCU grace period in
+    the kernel), when its imports are done: a runner waiting beside a running program charges
+    the slot next to nothing."""
+    fd = _CGROUP.get("procs")
+    if fd is not None:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(_CGROUP.pop("procs"))
+
+
+def _oom_score_adj(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass  # lowering needs privilege; raising (the test processes) never fails
+
+
+def _oom_kills() -> int:
+    """The cgroup's OOM-kill count (v1 memory.oom_control and v2 memory.events both say `oom_kill N`)."""
+    fd = _CGROUP.get("events")
+    if fd is None:
+        return 0
+    for line in os.pread(fd, 4096, 0).decode().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
+def _clear_keyrings(uid: int) -> None:
+    """Without seccomp, a program can store keys in its uid's user keyrings, which outlive every
+    process: empty them as that uid after each test (KEYCTL_CLEAR of @u and @us)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            for ring in (-4, -5):
+                _syscall("keyctl", 7, ring)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervising one test
 # ---------------------------------------------------------------------------------------------
 
 def _reap_zombies() -> None:
@@ -286,16 +442,19 @@ def _kill_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _usage(mode: str) -> tuple:
-    """(resident bytes, CPU seconds) of all the test's live processes together. RLIMIT_AS and
-    RLIMIT_CPU bound each process alone (CPU in whole seconds): summed here, a program that
-    forks or threads cannot use max_processes times the limits."""
+def _usage(mode: str, exclude: set, with_rss: bool) -> tuple:
+    """(resident bytes, CPU seconds) of the candidate's live processes together (the evaluator
+    excluded). RLIMIT_AS and RLIMIT_CPU bound each process alone (CPU in whole seconds): summed
+    here, a program that forks or threads cannot use max_processes times the limits. With a
+    memory cgroup the kernel counts memory (shared memory and page cache too): RSS is not summed."""
     if mode == AUDIT:
         pids = _descendants(os.getpid())[0]
     else:  # this /proc is the namespace's own: every process but us (pid 1) belongs to the test
         pids = [int(n) for n in os.listdir("/proc") if n.isdigit() and n != "1"]
     rss = cpu = 0
     for pid in pids:
+        if pid in exclude:
+            continue
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
@@ -303,7 +462,8 @@ def _usage(mode: str) -> tuple:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()  # field 3 (state) onwards
         cpu += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-        rss += int(fields[21]) * PAGE_SIZE
+        if with_rss:
+            rss += int(fields[21]) * PAGE_SIZE
     return rss, cpu / CLOCK_TICKS
 
 
@@ -322,84 +482,64 @@ def _reap_all(mode: str, uid: int) -> None:
             time.sleep(0.002)
 
 
-def _run_one(job: dict, test: dict, workdir: str) -> dict:
-    lim = job["limits"]
-    nonce = os.urandom(16).hex()
-    stdin = os.memfd_create("stdin", 0)
-    data = test.get("input", "").encode()
-    while data:
-        data = data[os.write(stdin, data):]
-    os.lseek(stdin, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    ver_r, ver_w = os.pipe()
-    t0 = time.monotonic()
+def _spawn(target, *args) -> int:
     pid = os.fork()
     if pid == 0:
         try:
-            _child(job, test, (stdin, out_w, err_w, ver_w), nonce, workdir)
+            target(*args)
         finally:
             os._exit(120)
-    for fd in (stdin, out_w, err_w, ver_w):
+    return pid
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("stdin", 0)
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run_one(job: dict, test: dict, index: int, workdir: str) -> dict:
+    """One test: the candidate (and, for an assertion test, the evaluator) forked, watched until
+    they exit or a limit is hit, everything left killed and reaped."""
+    nonce = os.urandom(16).hex()
+    stdin = _memfd(test.get("input", "").encode())
+    (out_r, out_w), (err_r, err_w), (ver_r, ver_w) = os.pipe(), os.pipe(), os.pipe()
+    oom_before = _oom_kills()
+    t0 = time.monotonic()
+    if "code" in test:
+        (req_r, req_w), (rep_r, rep_w) = os.pipe(), os.pipe()
+        cand = _spawn(_candidate, job, test, (stdin, out_w, err_w, req_r, rep_w), nonce, workdir)
+        evaluator = _spawn(_evaluator, job, index, (ver_w, req_w, rep_r), nonce)
+        mine = (stdin, out_w, err_w, ver_w, req_r, req_w, rep_r, rep_w)
+    else:
+        cand = _spawn(_candidate, job, test, (stdin, out_w, err_w, ver_w), nonce, workdir)
+        evaluator, mine = None, (stdin, out_w, err_w, ver_w)
+    for fd in mine:
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    bufs = {out_r: bytearray(), err_r: bytearray(), ver_r: bytearray()}
-    poller = select.poll()
-    for fd in (*bufs, pidfd):
-        poller.register(fd, select.POLLIN)
-    cap, limit, exited = lim["output_bytes"], None, False
-
-    def read_some(fd) -> bool:
-        chunk = os.read(fd, 1 << 16)
-        if chunk:
-            bufs[fd] += chunk
-        else:
-            poller.unregister(fd)
-        return bool(chunk)
-
-    next_check = t0 + USAGE_CHECK_S
-    while not exited:
-        now = time.monotonic()
-        left = t0 + lim["wall_time_s"] - now
-        if left <= 0:
-            limit = "timeout"
-            break
-        if now >= next_check:
-            next_check = now + USAGE_CHECK_S
-            rss, cpu = _usage(job["mode"])
-            if rss > lim["memory_bytes"]:
-                limit = "memory limit"
-                break
-            if cpu >= lim["cpu_time_s"]:
-                limit = "cpu time limit"
-                break
-        wait = min(left, next_check - now)
-        for fd, _ in poller.poll(max(1, int(wait * 1000))):
-            if fd == pidfd:
-                exited = True
-            else:
-                read_some(fd)
-        if len(bufs[out_r]) + len(bufs[err_r]) > cap:
-            limit = "output limit"
-            break
-        if len(bufs[ver_r]) > 4096:
-            break  # a verdict is one short line: anything longer is tampering, stop reading it
-    wall = time.monotonic() - t0
-    if not exited:
+    limit, wall, bufs, running = _supervise(job, cand, evaluator, (out_r, err_r, ver_r), t0)
+    if running:
         _kill_all(job["mode"], job["uid"])
-    _, status, ru = os.wait4(pid, 0)
+    _, status, ru = os.wait4(cand, 0)
+    if evaluator:
+        os.waitpid(evaluator, 0)
     leftover = _kill_all(job["mode"], job["uid"])
     _reap_all(job["mode"], job["uid"])
+    if job.get("clear_keys"):
+        _clear_keyrings(job["uid"])
+    cap = job["limits"]["output_bytes"]
     # Every writer is dead now: drain what is buffered, within the caps.
     for fd in (out_r, err_r, ver_r):
         while len(bufs[out_r]) + len(bufs[err_r]) <= cap and len(bufs[ver_r]) <= 4096:
             try:
-                if not read_some(fd):
-                    break
-            except (OSError, KeyError):
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
                 break
+            if not chunk:
+                break
+            bufs[fd] += chunk
         os.close(fd)
-    os.close(pidfd)
     if limit is None and len(bufs[out_r]) + len(bufs[err_r]) > cap:
         limit = "output limit"
     return {
@@ -410,9 +550,63 @@ def _run_one(job: dict, test: dict, workdir: str) -> dict:
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 4),
         "wall_s": round(wall, 4),
         "limit": limit,
+        "oom": _oom_kills() > oom_before,
         "leftover": leftover and not limit,
         "verdict": _parse_verdict(bytes(bufs[ver_r]), nonce),
     }
+
+
+def _supervise(job: dict, cand: int, evaluator, fds: tuple, t0: float) -> tuple:
+    """Collect the output and watch the limits until the test's processes exit.
+    Returns (limit hit or None, wall seconds, {fd: bytes read}, whether any still runs)."""
+    lim, (out_r, err_r, ver_r) = job["limits"], fds
+    bufs = {fd: bytearray() for fd in fds}
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    running = set()
+    for pid in (cand, evaluator):
+        if pid:
+            pidfd = os.pidfd_open(pid)
+            running.add(pidfd)
+            poller.register(pidfd, select.POLLIN)
+    pidfds = set(running)
+    exclude, with_rss = {evaluator}, not _CGROUP
+    cap, limit = lim["output_bytes"], None
+    next_check = t0 + USAGE_CHECK_S
+    while running:
+        now = time.monotonic()
+        left = t0 + lim["wall_time_s"] - now
+        if left <= 0:
+            limit = "timeout"
+            break
+        if now >= next_check:
+            next_check = now + USAGE_CHECK_S
+            rss, cpu = _usage(job["mode"], exclude, with_rss)
+            if rss > lim["memory_bytes"]:
+                limit = "memory limit"
+                break
+            if cpu >= lim["cpu_time_s"]:
+                limit = "cpu time limit"
+                break
+        for fd, _ in poller.poll(max(1, int(min(left, next_check - now) * 1000))):
+            if fd in pidfds:
+                running.discard(fd)
+                poller.unregister(fd)
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if chunk:
+                bufs[fd] += chunk
+            else:
+                poller.unregister(fd)
+        if len(bufs[out_r]) + len(bufs[err_r]) > cap:
+            limit = "output limit"
+            break
+        if len(bufs[ver_r]) > 4096:
+            break  # a verdict is one short line: anything longer is tampering, stop reading it
+    for pidfd in pidfds:
+        os.close(pidfd)
+    return limit, time.monotonic() - t0, bufs, bool(running)
 
 
 def _signal_name(num: int) -> str:
@@ -436,28 +630,60 @@ def _parse_verdict(raw: bytes, nonce: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The test child: limits, credentials, then the harness
+# The test processes: descriptors, limits, credentials
 # ---------------------------------------------------------------------------------------------
 
-def _child(job: dict, test: dict, fds: tuple, nonce: str, workdir: str) -> None:
-    os.setsid()
-    high = [_fcntl_dupfd(fd) for fd in fds]  # out of the way first: a source may sit on 0..3
+def _place_fds(fds: tuple) -> None:
+    """fds[i] becomes descriptor i; every other descriptor (the init's report pipe, the tests'
+    memfd, the other process' pipes) is closed."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # out of the way first: a source may sit on 0..n
     for target, fd in enumerate(high):
         os.dup2(fd, target)
-    os.closerange(VERDICT_FD + 1, 1 << 16)  # the report pipe and everything else of the init
+    os.closerange(len(fds), 1 << 16)
+
+
+def _candidate(job: dict, test: dict, fds: tuple, nonce: str, workdir: str) -> None:
+    """The program's process: stdin/stdout test or the call-serving side of an assertion test."""
+    os.setsid()
+    _place_fds(fds)
     os.chdir(workdir)
-    _limit_and_drop(job)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": "/tmp"}
+    _limit_and_drop(job, job["uid"], candidate=True)
     os.environ.clear()
-    os.environ.update(env)
-    _harness(job, test, nonce, workdir)
+    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": "/tmp"})
+    _streams()
+    sys.argv = ["solution.py"]
+    sys.path.insert(0, workdir)
+    hook = (lambda: _install_audit_hook(workdir)) if job["mode"] == AUDIT else None
+    if "code" in test:
+        calls.serve(job["code"], 3, 4, _max_message(job), before_run=hook)
+    _run_program(job, nonce, hook)
 
 
-def _fcntl_dupfd(fd: int) -> int:
-    return fcntl.fcntl(fd, fcntl.F_DUPFD, 100)
+def _evaluator(job: dict, index: int, fds: tuple, nonce: str) -> None:
+    """The trusted side of an assertion test: reads its test from the memfd init never read."""
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    _place_fds((null, null, null, *fds, job["tests_fd"]))  # 3 verdict, 4 requests, 5 replies, 6 tests
+    _limit_and_drop(job, job["eval_uid"], candidate=False)
+    test_code = marshal.loads(os.pread(6, os.fstat(6).st_size, 0))[index]
+    os.close(6)
+
+    def report(status: str, kind: str = "", detail: str = "") -> None:
+        line = f"{nonce} {status} {kind}\t{detail[:300]}".replace("\n", " ") + "\n"
+        try:
+            os.write(VERDICT_FD, line.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    calls.evaluate(test_code, 4, 5, _max_message(job), report)
+    os._exit(0)
 
 
-def _limit_and_drop(job: dict) -> None:
+def _max_message(job: dict) -> int:
+    return max(1 << 20, min(64 << 20, job["limits"]["memory_bytes"] // 4))
+
+
+def _limit_and_drop(job: dict, uid: int, candidate: bool) -> None:
     lim, mode = job["limits"], job["mode"]
     cpu = max(1, int(-(-lim["cpu_time_s"] // 1)))  # RLIMIT_CPU is whole seconds: round up
     for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU, then SIGKILL a second later
@@ -466,18 +692,26 @@ def _limit_and_drop(job: dict) -> None:
                        (resource.RLIMIT_NOFILE, lim["max_open_files"]),
                        (resource.RLIMIT_FSIZE, lim["file_size_bytes"]),
                        (resource.RLIMIT_CORE, 0)):
+        if res == resource.RLIMIT_CPU and not candidate:
+            continue  # the evaluator is bounded by the wall clock; its CPU is not the program's
         resource.setrlimit(res, value if isinstance(value, tuple) else (value, value))
+    _oom_score_adj(1000 if candidate else 500)  # the program first; the evaluator before the supervisors
+    if candidate and (os.geteuid() == 0 or mode == USER_NS):
+        # SysV segments, semaphores and message queues live in the IPC namespace: a private one
+        # per test, gone with its last process, so nothing outlives the test or reaches the next.
+        _check(_libc.unshare(CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
     if os.geteuid() == 0 and mode != USER_NS:
-        # A per-slot unprivileged uid: RLIMIT_NPROC applies (root ignores it), root-only files and
-        # other users' processes (the supervisor, the init) are out of reach.
+        # An unprivileged uid of its own: RLIMIT_NPROC applies (root ignores it), root-only files
+        # and other users' processes (the supervisor, the init, the evaluator) are out of reach.
         os.setgroups([])
-        os.setresgid(job["gid"], job["gid"], job["gid"])
-        os.setresuid(job["uid"], job["uid"], job["uid"])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
     elif mode == USER_NS:
         _drop_capabilities()  # root of the user namespace, minus every capability
     _prctl(PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability gives anything back
-    _prctl(PR_SET_DUMPABLE, 0)  # not ptrace-able, /proc/<pid>/mem closed even to the same uid
+    _prctl(PR_SET_DUMPABLE, 0)  # not ptrace-able, /proc/<pid>/mem and fd closed even to the same uid
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+    _load_seccomp()
 
 
 def _drop_capabilities() -> None:
@@ -486,14 +720,22 @@ def _drop_capabilities() -> None:
     _syscall("capset", header, data)
 
 
-_FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
-_CODE_ATTRS = frozenset({"__code__"})
-_DENIED = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
-                     "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
-_DENIED_AUDIT_MODE = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-                                "socket.sendmsg", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-                                "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill"})
-# audit-hook mode: events that change the file system, and which of their arguments are paths
+def _streams() -> None:
+    import io
+    sys.stdin = sys.__stdin__ = io.open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdout = sys.__stdout__ = io.open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = sys.__stderr__ = io.open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
+                                          buffering=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit-hook mode: the Python-level barrier where no namespace is available
+# ---------------------------------------------------------------------------------------------
+
+_DENIED_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
+                            "socket.sendmsg", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+                            "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill"})
+# events that change the file system, and which of their arguments are paths
 _PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.truncate": (0,),
                 "os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.mkdir": (0,),
                 "os.utime": (0,), "shutil.rmtree": (0,)}
@@ -501,31 +743,16 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _DENIED_IMPORTS = frozenset({"_posixsubprocess"})  # its fork_exec starts programs without an event
 
 
-class _Denied(PermissionError, ValueError):
-    """Also a ValueError: the standard library treats `sys._getframe` raising ValueError as "no
-    caller frame" (namedtuple, typing, logging, enum), so denying frames breaks none of it."""
+class _Denied(PermissionError):
+    pass
 
 
-_FRAMELESS_SIGNAL = """
-def frameless_signal(signum, handler):
-    if callable(handler):
-        user = handler
-        handler = lambda signum, _frame: user(signum, None)
-    return real_signal(signum, handler)
-"""
-
-
-def _install_audit_hook(mode: str, workdir: str) -> None:
-    """Deny the ways Python code reaches the harness' stack and memory (frames, gc, ctypes,
-    /proc/*/mem). In audit-hook mode, where nothing else stands in the way, also sockets,
-    starting programs, signalling processes and changing files outside the working directory.
-    The hook only uses what it captured here: the program cannot reach it, but it can rebind
-    module attributes such as `os.stat`."""
-    audit_mode = mode == AUDIT
-    denied, frame_attrs, code_attrs = _DENIED, _FRAME_ATTRS, _CODE_ATTRS
-    denied_audit, denied_imports, Denied = _DENIED_AUDIT_MODE, _DENIED_IMPORTS, _Denied
-    stat, fsdecode, is_int, proc_dev = os.stat, os.fsdecode, int, os.stat("/proc").st_dev
-    path_events, write_flags, realpath, any_ = _PATH_EVENTS, _WRITE_FLAGS, os.path.realpath, any
+def _install_audit_hook(workdir: str) -> None:
+    """Refuse sockets, starting programs, signalling processes, ctypes (which would step around
+    the hook) and changing files outside the working directory. The hook only uses what it
+    captured here: the program cannot reach it, but it can rebind module attributes."""
+    denied, denied_imports, path_events, Denied = _DENIED_EVENTS, _DENIED_IMPORTS, _PATH_EVENTS, _Denied
+    fsdecode, is_int, write_flags, realpath, any_ = os.fsdecode, int, _WRITE_FLAGS, os.path.realpath, any
 
     def outside(path) -> bool:
         if path.__class__ is is_int:  # an fd: opened through a path that was checked
@@ -533,35 +760,12 @@ def _install_audit_hook(mode: str, workdir: str) -> None:
         real = realpath(fsdecode(path))
         return not (real == workdir or real.startswith(workdir + "/") or real == "/dev/null")
 
-    def is_proc_mem(path) -> bool:
-        # /proc/<pid>/mem is the one 0600 file a process owns there; the name catches dir_fd opens.
-        path = fsdecode(path)
-        if path.rpartition("/")[2] == "mem":
-            return True
-        try:
-            st = stat(path)
-        except OSError:
-            return False
-        return st.st_dev == proc_dev and st.st_mode & 0o777 == 0o600
-
     def hook(event, args):
-        if event in denied or event.startswith("ctypes."):
+        if event in denied or event.startswith("ctypes.") or (event == "import" and args[0] in denied_imports):
             pass
-        elif event == "object.__getattr__":
-            if args[1] not in frame_attrs:
-                return
-        elif event == "object.__setattr__":
-            if args[1] not in code_attrs:  # swapping a harness function's code
-                return
         elif event == "open":
-            if args[0].__class__ is is_int:
+            if args[0].__class__ is is_int or not ((args[2] or 0) & write_flags and outside(args[0])):
                 return
-            if not is_proc_mem(args[0]) and not (audit_mode and (args[2] or 0) & write_flags and outside(args[0])):
-                return
-        elif not audit_mode:
-            return
-        elif event in denied_audit or (event == "import" and args[0] in denied_imports):
-            pass
         elif event in path_events:
             if not any_(outside(args[i]) for i in path_events[event]):
                 return
@@ -571,144 +775,19 @@ def _install_audit_hook(mode: str, workdir: str) -> None:
                      f"sandbox: {event} is not allowed")
 
     sys.addaudithook(hook)
-    # Signal handlers are handed the interrupted frame: give them None instead. `signal.signal`
-    # calls `_signal.signal`, so replacing the builtin covers both. Defined with globals of its
-    # own, so `_signal.signal.__globals__` does not lead to this module.
-    scope = {"__builtins__": {}, "callable": callable, "real_signal": sys.modules["_signal"].signal}
-    exec(_FRAMELESS_SIGNAL, scope)
-    sys.modules["_signal"].signal = scope["frameless_signal"]
 
 
-# Strict equality for assertion tests. `assert a == b` becomes `assert __sandbox_eq__(a, b)`: when
-# exactly one side holds an object whose equality the program defined (an "always equal" object,
-# a patched stdlib class), the assertion fails instead of trusting that object's __eq__. The
-# program can reach these functions (module globals), so they use nothing it could swap: every
-# helper and builtin comes in the immutable `env` tuple, and the type slots are read through
-# `type`'s own descriptors (a metaclass can fake `cls.__mro__` / `cls.__dict__`, not those).
+# ---------------------------------------------------------------------------------------------
+# stdin/stdout tests: run the program as __main__
+# ---------------------------------------------------------------------------------------------
 
-def _eq_env() -> tuple:
-    import collections
-    known = tuple((cls, type.__dict__["__dict__"].__get__(cls).get("__eq__")) for cls in (
-        collections.Counter, collections.UserDict, collections.UserList, collections.UserString,
-        collections.ChainMap))
-    return (_trusted, known, 1 << 9,  # Py_TPFLAGS_HEAPTYPE: C types cannot be patched
-            _known_eq,
-            type, issubclass, all, bool, type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__,
-            type.__dict__["__flags__"].__get__, list.__iter__, tuple.__iter__, dict.items,
-            set.__iter__, frozenset.__iter__, collections.deque, collections.deque.__iter__)
-
-
-def _trusted(env, v, depth) -> bool:
-    (trusted, known, heap, known_eq, type_, issubclass_, all_, _, mro, tdict, tflags,
-     list_iter, tuple_iter, dict_items, set_iter, fset_iter, deque, deque_iter) = env
-    t = type_(v)
-    if depth > 40:
-        return False
-    for k in mro(t):
-        d = tdict(k)
-        if "__eq__" in d:
-            if tflags(k) & heap and not known_eq(known, k, d["__eq__"]):
-                return False
-            break
-    if issubclass_(t, list):
-        items = list_iter(v)
-    elif issubclass_(t, tuple):
-        items = tuple_iter(v)
-    elif issubclass_(t, dict):
-        items = (x for kv in dict_items(v) for x in kv)
-    elif issubclass_(t, frozenset):
-        items = fset_iter(v)
-    elif issubclass_(t, set):
-        items = set_iter(v)
-    elif issubclass_(t, deque):
-        items = deque_iter(v)
-    else:
-        return True
-    return all_(trusted(env, x, depth + 1) for x in items)
-
-
-def _known_eq(pairs: tuple, cls, eq) -> bool:
-    for c, e in pairs:
-        if c is cls:
-            return e is eq
-    return False
-
-
-def _strict_eq(env, a, b) -> bool:
-    trusted, as_bool = env[0], env[7]
-    if trusted(env, a, 0) is not trusted(env, b, 0):
-        return False
-    return as_bool(a == b)
-
-
-def _test_function(source: str, ns: dict):
-    """The assertion snippet compiled as the body of `__sandbox_test__(__sandbox_eq__)` with the
-    program's namespace as globals: the equality helper is then a local, which the program's code
-    (running inside the asserts) cannot rebind the way it could a global."""
-    import ast
-    import types
-
-    compile(source, "<test>", "exec", dont_inherit=True)  # module-level rules: no yield/return
-
-    class StrictEq(ast.NodeTransformer):
-        def visit_Assert(self, node):
-            self.generic_visit(node)
-            t = node.test
-            if isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq):
-                node.test = ast.Call(ast.Name("__sandbox_eq__", ast.Load()), [t.left, t.comparators[0]], [])
-            return node
-
-    body = StrictEq().visit(ast.parse(source, "<test>")).body or [ast.Pass()]
-    args = ast.arguments(posonlyargs=[], args=[ast.arg("__sandbox_eq__")], kwonlyargs=[], kw_defaults=[], defaults=[])
-    fn = ast.FunctionDef("__sandbox_test__", args, body, [], None, None)
-    code = compile(ast.fix_missing_locations(ast.Module([fn], [])), "<test>", "exec", dont_inherit=True, optimize=0)
-    inner = next(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return types.FunctionType(inner, ns, "__sandbox_test__")
-
-
-def _classify(e) -> tuple:
-    """(kind, detail) of an exception, without touching frames (the audit hook denies them)."""
-    name = type(e).__name__
-    if isinstance(e, SyntaxError):
-        return "syntax error", f"line {e.lineno}: {e.msg}"
-    if isinstance(e, MemoryError):
-        return "memory limit", name
-    if isinstance(e, RecursionError):
-        return "recursion limit", name
-    if isinstance(e, OSError):
-        by_errno = {27: "file size limit", 28: "disk full", 24: "open files limit", 11: "process limit"}
-        if e.errno in by_errno:
-            return by_errno[e.errno], name
-    if isinstance(e, PermissionError) and str(e).startswith("sandbox:"):
-        return "blocked", str(e)[9:]
-    try:
-        msg = str(e)
-    except BaseException:  # noqa: BLE001 - a hostile __str__
-        msg = "?"
-    tb, line = e.__traceback__, None
-    while tb is not None:
-        line, tb = tb.tb_lineno, tb.tb_next
-    return f"runtime error: {name}", f"{msg} (line {line})"
-
-
-def _harness(job: dict, test: dict, nonce: str, workdir: str) -> None:
-    """Run the program, then the test; report one verdict line; exit. Everything used after the
-    program starts is bound to a local first, so monkeypatching modules or builtins changes
-    nothing here."""
+def _run_program(job: dict, nonce: str, before_run) -> None:
+    """Run the program, report how it ended on the verdict pipe (for the reason only: the parent
+    compares the output itself), exit with its exit code. Never returns."""
     import builtins
-    import functools
-    import io
     import threading
-
-    _exec, _write, _exit, _Base, _SystemExit = exec, os.write, os._exit, BaseException, SystemExit
-    _classify_, _shutdown, _type, _str, _isinstance = _classify, threading._shutdown, type, str, isinstance
-    _AssertionError = AssertionError
-    kind = "code" if "code" in test else "io"
-    out = io.open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-    err = io.open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
-    sys.stdin = sys.__stdin__ = io.open(0, "r", encoding="utf-8", errors="replace", closefd=False)
-    sys.stdout = sys.__stdout__ = out
-    sys.stderr = sys.__stderr__ = err
+    _write, _exit, _Base, _SystemExit, _isinstance, _str = os.write, os._exit, BaseException, SystemExit, isinstance, str
+    _classify, _shutdown, out, err = calls.classify, threading._shutdown, sys.stdout, sys.stderr
 
     def report(status: str, what: str = "", detail: str = "") -> None:
         for stream in (out, err):
@@ -725,80 +804,77 @@ def _harness(job: dict, test: dict, nonce: str, workdir: str) -> None:
     try:
         program = compile(job["code"], "<solution>", "exec", dont_inherit=True, optimize=0)
     except _Base as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), MemoryError...
-        report("fail", *_classify_(e))
+        report("fail", *_classify(e))
         _exit(1)
-    module = _type(sys)("__main__" if kind == "io" else "solution")
+    module = type(sys)("__main__")
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
-    sys.argv = ["solution.py"]
-    sys.path.insert(0, workdir)
-    ns = module.__dict__
-    if kind == "code":
-        try:
-            test_fn = _test_function(test["code"], ns)
-        except SyntaxError as e:
-            report("fail", "bad test", f"line {e.lineno}: {e.msg}")
-            _exit(2)
-        strict_eq = functools.partial(_strict_eq, _eq_env())
-    _install_audit_hook(_MODE[0], workdir)
-
+    if before_run:
+        before_run()
     try:
-        _exec(program, ns)
+        exec(program, module.__dict__)
         exc = None
-    except _SystemExit as e:
+    except _Base as e:  # noqa: BLE001 - SystemExit included
         exc = e
-    except _Base as e:  # noqa: BLE001
-        exc = e
-    if kind == "io":
-        try:
-            _shutdown()  # join non-daemon threads, as interpreter exit would
-        except _Base:  # noqa: BLE001
-            pass
-        code = 0
-        if _isinstance(exc, _SystemExit):
-            c = exc.code
-            code = c if _isinstance(c, int) else (0 if c is None else 1)
-            if not _isinstance(c, int) and c is not None:
-                err.write(_str(c) + "\n")
-        elif exc is not None:
-            what, detail = _classify_(exc)
-            err.write(f"{_type(exc).__name__}: {detail}\n")
-            report("error", what, detail)
-            _exit(1)
-        report("ok", "exit", _str(code))
-        _exit(code & 0xFF)
-    if exc is not None:
-        what, detail = ("exited before the tests ran", "") if _isinstance(exc, _SystemExit) else _classify_(exc)
-        report("fail", what, detail)
-        _exit(1)
     try:
-        test_fn(strict_eq)
-    except _Base as e:  # noqa: BLE001 - AssertionError, SystemExit, anything
-        what, detail = ("assertion failed", _str(e)[:200]) if _type(e) is _AssertionError else _classify_(e)
-        report("fail", what, detail)
+        _shutdown()  # join non-daemon threads, as interpreter exit would
+    except _Base:  # noqa: BLE001
+        pass
+    code = 0
+    if _isinstance(exc, _SystemExit):
+        c = exc.code
+        code = c if _isinstance(c, int) else (0 if c is None else 1)
+        if not _isinstance(c, int) and c is not None:
+            err.write(_str(c) + "\n")
+    elif exc is not None:
+        what, detail = _classify(exc)
+        err.write(f"{type(exc).__name__}: {detail}\n")
+        report("error", what, detail)
         _exit(1)
-    report("pass")
-    _exit(0)
-
-
-_MODE = [AUDIT]  # set once by main(); read by the harness
+    report("ok", "exit", _str(code))
+    _exit(code & 0xFF)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
 
+def _prepare(prep: dict) -> None:
+    """Everything that does not depend on the job, done before it arrives: the cgroup's
+    descriptors, the seccomp filter, the modules every test process uses (imported once, so no forked process
+    pays for them; `socket` so that the barrier a program meets in audit-hook mode is the hook,
+    not a stdlib directory the slot uid may be unable to read)."""
+    _open_cgroup(prep.get("cgroup"))
+    if prep.get("seccomp"):
+        filt = seccomp_filter()
+        if filt is None:
+            raise OSError("libseccomp is not installed")
+        _SECCOMP[:] = [seccomp_bpf(filt)]
+    _preload("threading", "io", "types", *(("socket",) if prep.get("mode") == AUDIT else ()))
+    _join_cgroup()
+
+
+def _read_frame(fd: int):
+    """One length-prefixed marshal frame from the parent (trusted); None at end of input."""
+    def exactly(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                return b""
+            buf += chunk
+        return buf
+    head = exactly(4)
+    return marshal.loads(exactly(int.from_bytes(head, "big"))) if head else None
+
+
 def _run_tests(job: dict, workdir: str) -> None:
-    # Imported once here, so no forked test child pays for them.
-    _preload("threading", "functools", "io")
-    if any("code" in t for t in job["tests"]):
-        _preload("ast", "types", "collections")
     stop = None
     for i, test in enumerate(job["tests"]):
         if stop is not None:  # a syntax error fails every test the same way: do not rerun it
             _emit(dict(stop, i=i))
             continue
-        res = _run_one(job, test, workdir)
+        res = _run_one(job, test, i, workdir)
         res["i"] = i
         _emit(res)
         v = res["verdict"]
@@ -819,8 +895,9 @@ def _die_with_parent() -> None:
 
 
 def probe() -> dict:
-    """Which isolation this machine allows: each candidate is tried for real in a throwaway child
-    (unshare, uid map, a tmpfs mount), since a kernel may allow the unshare and refuse the mount."""
+    """What this machine allows: each isolation mode is tried for real in a throwaway child
+    (unshare, uid map, a tmpfs mount), since a kernel may allow the unshare and refuse the mount;
+    and whether a seccomp filter loads and refuses keyctl."""
     result = {"euid": os.geteuid()}
     for mode in (ROOT_NS, USER_NS):
         if mode == ROOT_NS and os.geteuid() != 0:
@@ -837,26 +914,56 @@ def probe() -> dict:
                 os._exit(1)
         _, status = os.waitpid(pid, 0)
         result[mode] = status == 0
+    result["seccomp"] = _probe_seccomp()
     return result
 
 
+def _probe_seccomp() -> bool:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            filt = seccomp_filter()
+            if filt is None:
+                os._exit(2)
+            _SECCOMP[:] = [seccomp_bpf(filt)]
+            _prctl(PR_SET_NO_NEW_PRIVS, 1)
+            _load_seccomp()
+            try:
+                _syscall("keyctl", 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
+            except OSError as e:
+                os._exit(0 if e.errno == _EPERM else 1)
+            os._exit(1)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def main(argv: list) -> None:
-    # Imported by the bootstrap (see `command`) as a top-level module: out of sight it goes,
-    # before any program runs here.
+    global calls
+    import sandbox_calls  # imported by the bootstrap beside us (see `command`)
+    calls = sandbox_calls
+    # Out of sight before any program runs here.
     sys.modules.pop(__name__, None)
+    sys.modules.pop("sandbox_calls", None)
     if argv == ["--probe"]:
         _emit(probe())
         return
     _die_with_parent()
-    job = marshal.loads(sys.stdin.buffer.read())
-    mode = _MODE[0] = job["mode"]
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _libc.mallopt(M_ARENA_MAX, 2)  # glibc reserves 64 MiB of address space per thread arena
+    try:
+        _prepare(_read_frame(0))
+    except OSError as e:
+        _emit({"error": f"sandbox setup failed: {e}"})
+        os._exit(3)
+    job = _read_frame(0)  # a runner is started ahead of its job, which it waits for here
+    if job is None:
+        os._exit(0)  # the sandbox closed without using us
+    mode = job["mode"]
     if mode == AUDIT:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
-        # Loaded here so the barrier a program meets is the audit hook, not a stdlib directory the
-        # slot uid may be unable to read (an interpreter installed under a 0700 home).
-        _preload("socket")
+        _prctl(PR_SET_DUMPABLE, 0)  # the tests' memfd out of reach of same-uid processes
         _run_tests(job, job["workdir"])
         return
     try:
@@ -870,6 +977,9 @@ def main(argv: list) -> None:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             _build_root(job)
             _libc.sethostname(b"sandbox", 7)
+            # after the uid map is written (user namespaces): our descriptors (the tests' memfd)
+            # are then out of reach of the test processes, which share our uid there
+            _prctl(PR_SET_DUMPABLE, 0)
         except OSError as e:
             _emit({"error": f"sandbox setup failed: {e}"})
             os._exit(3)
@@ -880,10 +990,10 @@ def main(argv: list) -> None:
 
 
 def command(*args: str) -> list:
-    """How the parent starts the runner: `-I -S` (no site, no environment), and the module
-    imported from its directory rather than run as a script, so its bytecode is cached."""
+    """How the parent starts the runner: `-I -S` (no site, no environment), and the modules
+    imported from their directory rather than run as a script, so their bytecode is cached."""
     # Appended, not prepended: its neighbours (rewards/types.py) must not shadow the stdlib.
-    boot = "import sys; sys.path.append(sys.argv[1]); import sandbox_runner; sys.path.pop(); " \
+    boot = "import sys; sys.path.append(sys.argv[1]); import sandbox_calls, sandbox_runner; sys.path.pop(); " \
            "sandbox_runner.main(sys.argv[2:])"
     return [sys.executable, "-I", "-S", "-c", boot, os.path.dirname(os.path.abspath(__file__)), *args]
 

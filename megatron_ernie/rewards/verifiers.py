@@ -12,6 +12,8 @@ import functools
 import re
 import unicodedata
 
+import regex
+
 from megatron_ernie.rewards.math_verify import extract_answer, extract_answer_phrase, extract_boxed
 from megatron_ernie.rewards.registry import register_source
 from megatron_ernie.rewards.text import strip_think
@@ -224,8 +226,8 @@ _MODES = ("search", "match", "fullmatch")
 
 
 @functools.lru_cache(maxsize=1024)
-def _compile(pattern: str, flags: int) -> re.Pattern:
-    return re.compile(pattern, flags)
+def _compile(pattern: str, flags: int):
+    return regex.compile(pattern, flags)
 
 
 @register_source("regex")
@@ -234,19 +236,23 @@ class RegexVerifier(PerSampleSource):
 
     pattern: one pattern for every sample (a format check); when None, each sample's reference is
     its pattern. mode: "search" (anywhere), "match" (at the start), "fullmatch" (whole text,
-    surrounding whitespace ignored). Python `re` cannot be interrupted, so patterns must come from
-    trusted config or data (a catastrophic-backtracking pattern would stall its thread).
+    surrounding whitespace ignored). Matching runs under `timeout_s` (the `regex` package's
+    timeout, which `re` lacks): a catastrophic-backtracking pattern, from data or a pathological
+    response, fails its sample with the reason instead of stalling the batch.
     details: pattern, mode, matched (the matched text, truncated)."""
 
     name = "regex"
 
     def __init__(self, pattern: str | None = None, mode: str = "search", ignore_case: bool = False,
                  dotall: bool = False, multiline: bool = False, strip_think: bool = True,
-                 concurrency: int = 1):
+                 timeout_s: float = 1.0, concurrency: int = 1):
         if mode not in _MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(_MODES)}")
-        self.flags = (re.IGNORECASE if ignore_case else 0) | (re.DOTALL if dotall else 0) \
-            | (re.MULTILINE if multiline else 0)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.flags = (regex.IGNORECASE if ignore_case else 0) | (regex.DOTALL if dotall else 0) \
+            | (regex.MULTILINE if multiline else 0)
+        self.timeout_s = float(timeout_s)
         if pattern is not None:
             _compile(pattern, self.flags)  # a bad configured pattern is a config error: fail now
         self.pattern = pattern
@@ -260,11 +266,14 @@ class RegexVerifier(PerSampleSource):
             return RewardResult.failure(self.name, "no pattern: set the `pattern` option or a reference")
         try:
             rx = _compile(str(pattern), self.flags)
-        except re.error as e:
+        except regex.error as e:
             return RewardResult.failure(self.name, f"bad pattern {pattern!r}: {e}")
         text = strip_think(sample.response) if self.strip_think else sample.response
         if self.mode == "fullmatch":
             text = text.strip()
-        m = getattr(rx, self.mode)(text)
+        try:
+            m = getattr(rx, self.mode)(text, timeout=self.timeout_s)
+        except TimeoutError:
+            return RewardResult.failure(self.name, f"regex timed out after {self.timeout_s:g}s", pattern=str(pattern))
         details = {"pattern": str(pattern), "mode": self.mode, "matched": m.group(0)[:200] if m else None}
         return RewardResult(float(m is not None), self.name, reason="" if m else "no match", details=details)
