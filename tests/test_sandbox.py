@@ -764,6 +764,25 @@ def max(xs):  # the task's own max; the test's builtin max stays the builtin
                "    assert candidate([1.0, 2.8, 3.0], 0.3) is True\ncheck(has_close_elements)"},
       {"code": "assert LIMIT == 100 and TABLE[4] == 16\nassert max(1, 2) == 2\n"
                "from solution import max as task_max\nassert task_max([3, 9, 2]) == 9"}]),
+    ("functions_of_the_test_passed_to_the_program", """
+def apply_twice(f, x):
+    return f(f(x))
+def sort_by(xs, key):
+    return sorted(xs, key=key)
+def memoize(f):
+    cache = {}
+    def wrapper(n):
+        if n not in cache:
+            cache[n] = f(n)
+        return cache[n]
+    return wrapper
+def each(xs, visit):
+    for x in xs:
+        visit(x)
+""", [{"code": "assert apply_twice(lambda x: x * 3, 2) == 18\nassert sort_by(['bb', 'a', 'ccc'], len) == ['a', 'bb', 'ccc']"},
+      {"code": "calls = []\n@memoize\ndef fib(n):\n    calls.append(n)\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+               "assert fib(20) == 6765 and len(calls) == 21"},                  # the test's fib calls the program's wrapper
+      {"code": "seen = []\neach([3, 1, 2], seen.append)\nassert seen == [3, 1, 2]"}]),
     ("big_values_and_many_calls", """
 import math
 def fact(n):
@@ -779,6 +798,15 @@ def echo(x):
 def test_honest_program_gets_full_reward(name, code, tests, source):
     [res] = source.score([_sample("task", code, tests)])
     assert res.reward == 1.0 and res.reason == "" and res.details["outcomes"] == ["pass"] * len(tests), res
+
+
+def test_a_failed_assertion_inside_a_test_function_fails_the_test_even_if_the_program_swallows_it(source):
+    code = "def each(xs, visit):\n    for x in xs:\n        try:\n            visit(x)\n        except Exception:\n            pass\n    return 'done'\n"
+    test = "def positive(x):\n    assert x > 0, x\nassert each([1, -2, 3], positive) == 'done'"
+    [res] = source.score([_sample("task", code, [{"code": test}])])
+    assert (res.reward, res.reason) == (0.0, "assertion failed"), res
+    [ok] = source.score([_sample("task", code, [{"code": test.replace("-2", "2")}])])
+    assert ok.reward == 1.0, ok
 
 
 def test_partial_credit_and_mixed_test_kinds(source):

@@ -107,11 +107,16 @@ def test_nesting_is_bounded_both_ways():
         sc.decode(wire, lambda n: n)
 
 
-def test_evaluator_side_refuses_non_plain_arguments():
+def test_evaluator_side_sends_functions_as_callbacks_and_refuses_other_objects():
+    f = lambda x: x  # noqa: E731
+    wire = sc.encode([f, f, len], sc._plain_only)
+    got = sc.decode(wire, lambda n: n, callback=lambda n: ("callback", n))
+    assert got[0] == got[1] and got[0][0] == "callback" and got[2][0] == "callback" and got[2] != got[0]
+    assert sc._CALLBACKS[got[0][1]] is f
+    with pytest.raises(ValueError, match="unknown tag"):  # the evaluator never accepts a callback back
+        sc.decode(wire, lambda n: n)
     with pytest.raises(sc.NotPlain):
-        sc.encode(lambda x: x, _refuse)
-    with pytest.raises(sc.NotPlain):
-        sc.encode(type("C", (), {})(), _refuse)
+        sc.encode(type("C", (), {})(), sc._plain_only)
 
 
 def test_program_exceptions_are_rebuilt_on_their_builtin_base():
@@ -135,8 +140,25 @@ def test_program_objects_refuse_comparisons():
 def test_catalog_binds_the_evaluators_own_stdlib_objects():
     import importlib
     assert sc._stdlib_object("math", "isclose", importlib) is math.isclose
-    assert sc._stdlib_object("collections", "OrderedDict.fromkeys", importlib) == collections.OrderedDict.fromkeys
-    assert sc._stdlib_object("solution", "f", importlib) is None            # the program's own module
-    assert sc._stdlib_object("math", "<lambda>", importlib) is None
+    assert sc._stdlib_object("operator", "add", importlib) is __import__("operator").add
+    assert sc._stdlib_object("collections", "OrderedDict", importlib) is collections.OrderedDict
+    assert sc._stdlib_object("fractions", "Fraction", importlib) is Fraction
+    # only top-level functions and classes of modules whose classes make honest values: never
+    # unittest.mock._ANY (always equal), ctypes (raw memory), a dotted path or a constant
+    for module, qualname in (("collections", "OrderedDict.fromkeys"), ("unittest.mock", "_ANY"),
+                             ("unittest.mock", "create_autospec"), ("ctypes", "string_at"), ("solution", "f"),
+                             ("math", "<lambda>"), ("math", "pi"), ("os", "system")):
+        assert sc._stdlib_object(module, qualname, importlib) is None, (module, qualname)
     assert sc._stdlib_module("antigravity", importlib) is None              # no side-effect imports
+    assert sc._stdlib_module("unittest.mock", importlib) is None
     assert sc._stdlib_module("numpy", importlib) is None                    # not the standard library
+
+
+def test_names_a_test_uses_only_as_modules():
+    code = "import re\nassert math.isclose(f(1), 2)\nx = statistics([1])\nassert heapq.nsmallest(1, q.items) == [1]\nre.match('a', 'a')"
+    assert sc._module_uses(code) == {"math", "heapq", "q"}
+
+
+def test_stop_iteration_from_the_program_is_not_rebuilt_as_itself():
+    e = sc._program_exception(("err", "StopIteration", "StopIteration", ""))
+    assert type(e) is RuntimeError and "StopIteration raised by the program" in str(e)

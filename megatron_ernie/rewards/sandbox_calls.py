@@ -34,11 +34,14 @@ import builtins
 import os
 import struct
 import sys
+import types
 
 MAX_DEPTH = 120                     # nesting of values, both ways
 _MAX_INT_BYTES = 1 << 20            # 2.5 million decimal digits
 _BUILTIN_NAMES = frozenset(vars(builtins))
-_UNIMPORTABLE = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser"})
+# never imported for a program: side effects, or objects made to compare equal to anything
+_UNIMPORTABLE = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser",
+                           "unittest", "doctest", "ctypes", "pdb"})
 _F64 = struct.Struct(">d")
 
 
@@ -56,6 +59,12 @@ class Ref:
 
     def __init__(self, n: int):
         self.n = n
+
+
+class Callback(Ref):
+    """A function of the test passed to the program (a `key=`, a callback, a decorated function):
+    it stays in the evaluator, and the program's calls to it cross back as plain data."""
+    __slots__ = ()
 
 
 _SEQ_TAGS = {list: b"l", tuple: b"t", set: b"S", frozenset: b"z"}
@@ -98,8 +107,8 @@ def _put(out: bytearray, v, other, depth: int) -> None:
         for k, x in v.items():
             _put(out, k, other, depth + 1)
             _put(out, x, other, depth + 1)
-    elif t is Ref:
-        out += b"R" + v.n.to_bytes(4, "big")
+    elif t is Ref or t is Callback:
+        out += (b"R" if t is Ref else b"C") + v.n.to_bytes(4, "big")
     elif t is range:
         out += b"r"
         for x in (v.start, v.stop, v.step):
@@ -117,8 +126,8 @@ def _put(out: bytearray, v, other, depth: int) -> None:
         _put(out, str(v), other, depth + 1)
     else:
         alt = other(v)
-        if type(alt) is Ref:
-            out += b"R" + alt.n.to_bytes(4, "big")
+        if type(alt) is Ref or type(alt) is Callback:
+            _put(out, alt, other, depth)
         else:
             _put(out, alt, other, depth + 1)
 
@@ -134,10 +143,11 @@ def _blob(out: bytearray, tag: bytes, data) -> None:
     out += data
 
 
-def decode(data: bytes, handle):
-    """Bytes (untrusted) back into exact built-in values; `handle(n)` makes the value for a
-    handle. Raises ValueError / TypeError / ArithmeticError on anything malformed."""
-    r = _Reader(data, handle)
+def decode(data: bytes, handle, callback=None):
+    """Bytes (untrusted) back into exact built-in values; `handle(n)` / `callback(n)` make the
+    value for a handle / a callback (refused where None). Raises ValueError / TypeError /
+    ArithmeticError on anything malformed."""
+    r = _Reader(data, handle, callback)
     v = r.value(0)
     if r.pos != len(data):
         raise ValueError("trailing bytes after the value")
@@ -145,10 +155,10 @@ def decode(data: bytes, handle):
 
 
 class _Reader:
-    __slots__ = ("data", "pos", "handle")
+    __slots__ = ("data", "pos", "handle", "callback")
 
-    def __init__(self, data: bytes, handle):
-        self.data, self.pos, self.handle = data, 0, handle
+    def __init__(self, data: bytes, handle, callback):
+        self.data, self.pos, self.handle, self.callback = data, 0, handle, callback
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
@@ -216,6 +226,8 @@ class _Reader:
             return decimal.Decimal(self.typed(depth, str))
         if tag == 82:  # R
             return self.handle(int.from_bytes(self.take(4), "big"))
+        if tag == 67 and self.callback is not None:  # C
+            return self.callback(int.from_bytes(self.take(4), "big"))
         raise ValueError(f"unknown tag {tag}")
 
 
@@ -244,12 +256,12 @@ def send(fd: int, obj, other, _write=os.write) -> None:
         view = view[_write(fd, view):]
 
 
-def recv(fd: int, max_bytes: int, handle, _read=os.read):
+def recv(fd: int, max_bytes: int, handle, callback=None, _read=os.read):
     """One frame, decoded; EOFError when the other side is gone, ValueError on an oversized one."""
     n = int.from_bytes(_read_exactly(fd, 4, _read), "big")
     if n > max_bytes:
         raise ValueError(f"message of {n} bytes exceeds {max_bytes}")
-    return decode(_read_exactly(fd, n, _read), handle)
+    return decode(_read_exactly(fd, n, _read), handle, callback)
 
 
 def _read_exactly(fd: int, n: int, _read) -> bytes:
@@ -296,7 +308,6 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
     stop; `before_run()` is called just before the program starts. Never returns. Everything
     used after the program starts is bound here first, so a program that patches modules can at
     worst break its own answers."""
-    import types
     _exit, _send, _recv, _classify, _as_builtin = os._exit, send, recv, classify, as_builtin
     _Base, _SystemExit, _StopIteration, _type, _str, _getattr = BaseException, SystemExit, StopIteration, type, str, getattr
     _setattr, _delattr, _iter, _next, _len, _bool, _repr, _Ref = setattr, delattr, iter, next, len, bool, repr, Ref
@@ -347,11 +358,21 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
                 return k.__name__
         return "Exception"
 
-    while True:
+    def describe(e) -> tuple:
         try:
-            msg = _recv(requests, 1 << 30, handles.__getitem__)
+            text = _str(e)[:1000]
+        except _Base:  # noqa: BLE001
+            text = "?"
+        return "err", _type(e).__name__[:100], base_exception_name(e), text
+
+    def receive():
+        try:
+            return _recv(requests, 1 << 30, handles.__getitem__, TestFunction)
         except _Base:  # noqa: BLE001 - the evaluator is gone
             finish(0)
+
+    def answer(msg) -> None:
+        """Serve one request of the evaluator."""
         op = msg[0]
         try:
             if op == "exit":
@@ -393,22 +414,38 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
         except _SystemExit:
             out = ("exit",)
         except _Base as e:  # noqa: BLE001 - the program's exception, described as plain data
-            try:
-                text = _str(e)[:1000]
-            except _Base:  # noqa: BLE001
-                text = "?"
-            out = ("err", _type(e).__name__[:100], base_exception_name(e), text)
+            out = describe(e)
         try:
             reply(out)
         except _Base:  # noqa: BLE001 - e.g. a result nested too deeply to send
             reply(("err", "TypeError", "TypeError", "the program's result cannot be sent as plain data"))
+
+    class TestFunction:
+        """A function of the test: calling it asks the evaluator, serving any calls it makes
+        back into the program meanwhile."""
+        __slots__ = ("n",)
+
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, *args, **kwargs):
+            reply(("callback", self.n, list(args), dict(kwargs)))
+            while True:
+                msg = receive()
+                if msg[0] == "returned":
+                    return msg[1]
+                if msg[0] == "raised":
+                    raise _program_exception(("err", *msg[1:]))
+                answer(msg)
+
+    while True:
+        answer(receive())
 
 
 def _catalog(ns: dict, to_handle, max_bytes: int) -> list:
     """(name, kind, ...) for every name the program defined: "module" (the module's name),
     "external" (a function or class of another module: module, qualname and a handle), "value"
     (plain data) or "object" (a handle)."""
-    import types
     out, budget = [], max_bytes // 2
     for name, v in list(ns.items()):
         if name.startswith("__") and name.endswith("__"):
@@ -444,16 +481,29 @@ class ChannelBroken(BaseException):
     test's `except Exception` cannot swallow it; the evaluator also remembers it."""
 
 
+_CALLBACKS: list = []      # the test's functions the program was given, by number
+_CALLBACK_IDS: dict = {}
+
+
 def _plain_only(v):
+    """The evaluator's fallback: its handles go back as handles, its functions as callbacks,
+    anything else is refused."""
     if type(v) is ProgramObject:
         return Ref(object.__getattribute__(v, "_ref"))
-    raise NotPlain(f"cannot pass {type(v).__name__} to the program: only plain data crosses")
+    if callable(v):
+        n = _CALLBACK_IDS.get(id(v))
+        if n is None or _CALLBACKS[n] is not v:
+            n = _CALLBACK_IDS[id(v)] = len(_CALLBACKS)
+            _CALLBACKS.append(v)
+        return Callback(n)
+    raise NotPlain(f"cannot pass {type(v).__name__} to the program: only plain data and functions cross")
 
 
 class _Channel:
     def __init__(self, requests: int, replies: int, max_bytes: int):
         self.requests, self.replies, self.max_bytes = requests, replies, max_bytes
         self.broken = ""
+        self.callback_failed = ""  # an assertion of the test failed inside a callback
 
     def fail(self, why: str):
         self.broken = self.broken or why
@@ -470,9 +520,7 @@ class _Channel:
             self.fail("program sent garbage: not a message")
         return msg
 
-    def request(self, msg: tuple) -> tuple:
-        if self.broken:
-            raise ChannelBroken(self.broken)
+    def send(self, msg: tuple) -> None:
         data = encode(msg, _plain_only)  # NotPlain goes to the test: its argument, its error
         try:
             os.write(self.requests, len(data).to_bytes(4, "big"))
@@ -481,7 +529,15 @@ class _Channel:
                 view = view[os.write(self.requests, view):]
         except OSError:
             self.fail("program died during the test")
+
+    def request(self, msg: tuple) -> tuple:
+        if self.broken:
+            raise ChannelBroken(self.broken)
+        self.send(msg)
         reply = self.receive()
+        while reply[0] == "callback":
+            self.run_callback(reply)
+            reply = self.receive()
         if reply[0] == "exit":
             self.fail("program exited during the test")
         if reply[0] == "err":
@@ -489,6 +545,29 @@ class _Channel:
         if reply[0] != "ok" or len(reply) < 2:
             self.fail("program sent garbage: not a reply")
         return reply
+
+    def run_callback(self, msg: tuple) -> None:
+        """The program calls one of the test's functions: run it here on the plain arguments, send
+        what it returned (or raised). A failed assertion fails the test even if the program catches
+        the error it gets."""
+        if len(msg) != 4 or type(msg[1]) is not int or not 0 <= msg[1] < len(_CALLBACKS) \
+                or type(msg[2]) is not list or type(msg[3]) is not dict or not all(type(k) is str for k in msg[3]):
+            self.fail("program sent garbage: malformed callback")
+        try:
+            result = _CALLBACKS[msg[1]](*msg[2], **msg[3])
+            try:
+                self.send(("returned", result))
+                return
+            except NotPlain as e:
+                out = ("TypeError", "TypeError", str(e))
+        except ChannelBroken:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the test function's exception goes to the program
+            if isinstance(e, AssertionError):
+                self.callback_failed = self.callback_failed or _safe_str(e) or "in a function the test passed"
+            base = next((k.__name__ for k in type(e).__mro__ if getattr(builtins, k.__name__, None) is k), "Exception")
+            out = (type(e).__name__, base, _safe_str(e))
+        self.send(("raised", *out))
 
 
 def _program_exception(reply: tuple) -> Exception:
@@ -500,6 +579,10 @@ def _program_exception(reply: tuple) -> Exception:
     cls = getattr(builtins, base, None)
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
         cls = Exception
+    if issubclass(cls, (StopIteration, StopAsyncIteration)):
+        # raised by a called function it would silently end the test's map() or generator early
+        # (PEP 479 makes the same change inside generators)
+        return RuntimeError(f"{name} raised by the program: {text}")
     if name != cls.__name__ and name.isidentifier():
         cls = type(name, (cls,), {"__module__": "solution"})
     try:
@@ -677,6 +760,8 @@ def _bind(catalog, channel: _Channel) -> dict:
         if type(entry) is not tuple or len(entry) < 3 or type(entry[0]) is not str or not entry[0].isidentifier():
             channel.fail("program sent garbage: malformed catalog entry")
         name, kind = entry[0], entry[1]
+        if name.startswith("__") and name.endswith("__"):
+            continue  # `__builtins__`, `__import__`...: the test's namespace machinery stays ours
         if kind == "module" and len(entry) == 3:
             module = _stdlib_module(entry[2], importlib)
             if module is not None:
@@ -704,21 +789,47 @@ def _stdlib_module(name, importlib):
         return None
 
 
+# Modules whose functions and classes a program's `from M import name` binds in the test as the
+# evaluator's own (a plain module-level function or class, named by the program: so only modules
+# whose classes make honest values — no unittest.mock._ANY, no ctypes).
+_EXTERNAL_MODULES = frozenset({
+    "builtins", "math", "cmath", "fractions", "decimal", "numbers", "statistics", "collections", "itertools",
+    "functools", "operator", "heapq", "bisect", "string", "re", "random", "datetime", "calendar", "copy",
+    "typing", "dataclasses", "enum", "json", "textwrap", "unicodedata", "array", "struct", "time"})
+
+
 def _stdlib_object(module, qualname, importlib):
     """`from math import isclose` in the program: the evaluator's own `math.isclose`."""
-    obj = _stdlib_module(module, importlib)
-    if obj is None or type(qualname) is not str or "<" in qualname:
+    if type(module) is not str or module.partition(".")[0] not in _EXTERNAL_MODULES \
+            or type(qualname) is not str or not qualname.isidentifier():
         return None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    obj = getattr(_stdlib_module(module, importlib), qualname, None)
+    return obj if type(obj) in (types.FunctionType, types.BuiltinFunctionType) or isinstance(obj, type) else None
+
+
+def _module_uses(test_code: str) -> set:
+    """Names the test only ever uses as `name.attribute` and never binds itself: the modules it
+    expects the program to have imported (MBPP-style tests call `math.isclose` without an import)."""
+    import ast
+    try:
+        tree = ast.parse(test_code)
+    except SyntaxError:
+        return set()
+    parents = {id(c): node for node in ast.walk(tree) for c in ast.iter_child_nodes(node)}
+    as_module, otherwise = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            otherwise.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name):
+            parent = parents.get(id(node))
+            is_attr = isinstance(node.ctx, ast.Load) and isinstance(parent, ast.Attribute) and parent.value is node
+            (as_module if is_attr else otherwise).add(node.id)
+    return as_module - otherwise
 
 
 def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report) -> None:
     """Run one assertion test against the candidate; `report(status, kind, detail)` once."""
-    import types
+    import importlib
     channel = _Channel(requests, replies, max_bytes)
     _CALLS[:] = [_Calls(channel)]
     try:
@@ -734,9 +845,18 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
         return
     solution = types.ModuleType("solution")
     solution.__dict__.update(names)
+    # `from solution import *` brings what a plain `import` would, minus the builtins it shadows
+    solution.__all__ = [k for k in names if not k.startswith("_") and k not in _BUILTIN_NAMES]
     sys.modules["solution"] = solution
-    ns = {"__name__": "__main__", "__builtins__": builtins}
-    ns.update((k, v) for k, v in names.items() if k not in _BUILTIN_NAMES)
+    ns = {k: v for k, v in names.items() if k not in _BUILTIN_NAMES}
+    # A name the test uses only as a module and that names a standard-library module gets that
+    # module, whatever the program bound to it (a `class math` with a lying isclose, `import
+    # cmath as math`).
+    for name in _module_uses(test_code) & set(ns):
+        module = _stdlib_module(name, importlib)
+        if module is not None:
+            ns[name] = module
+    ns.update({"__name__": "__main__", "__builtins__": builtins})
     try:
         code = compile(test_code, "<test>", "exec", dont_inherit=True)
     except SyntaxError as e:
@@ -757,6 +877,8 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
         report("fail", channel.broken, "")
     elif error:
         report("fail", *error)
+    elif channel.callback_failed:
+        report("fail", "assertion failed", channel.callback_failed)
     else:
         report("pass")
     try:

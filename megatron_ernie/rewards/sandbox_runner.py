@@ -30,7 +30,6 @@ another uid (not visible to the candidate, not ptrace-able, holding the only ver
 assertion tests' code reaches the evaluator through a memfd that init never reads, so no
 candidate (forked from init) has the test code or its expected values in its memory.
 """
-import ctypes
 import fcntl
 import marshal
 import os
@@ -42,49 +41,16 @@ import time
 
 ROOT_NS, USER_NS, AUDIT = "root-namespaces", "user-namespaces", "audit-hook"
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWCGROUP = 0x00020000, 0x04000000, 0x08000000, 0x02000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
-MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
-PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 M_ARENA_MAX = -8
-# statvfs f_flag bit -> mount flag; a read-only remount must keep what the source mount had
-# (in a user namespace the kernel refuses to clear locked flags).
-_ST_TO_MS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME, 4096: MS_RELATIME}
-_SYSCALLS = {"x86_64": {"pivot_root": 155, "capset": 126, "keyctl": 250},
-             "aarch64": {"pivot_root": 41, "capset": 91, "keyctl": 219}}
 
 USAGE_CHECK_S = 0.05  # how often the supervisor sums the test's CPU time (and memory without a cgroup)
 PAGE_SIZE, CLOCK_TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
-WORKDIR = "/sandbox"  # inside the private root of the namespace modes
 VERDICT_FD = 3
-_libc = ctypes.CDLL(None, use_errno=True)
-calls = None  # the sandbox_calls module, bound by main()
-
-
-def _check(ret: int, what: str) -> int:
-    if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-def _syscall(name: str, *args) -> int:
-    nr = _SYSCALLS.get(os.uname().machine, {}).get(name)
-    if nr is None:
-        raise OSError(38, f"{name}: unknown syscall number on {os.uname().machine}")
-    return _check(_libc.syscall(nr, *args), name)
-
-
-def _prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
-
-
-def _mount(src, dst, fstype, flags, data=None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
-    _check(_libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {dst}")
+try:  # inside the sandbox: the bootstrap put this directory on sys.path (see `command`)
+    import sandbox_calls as calls
+    import sandbox_isolation as iso
+except ImportError:  # imported by the parent (rewards/sandbox.py) for command() and the frames
+    calls = iso = None
 
 
 def encode_frame(obj) -> bytes:
@@ -109,255 +75,6 @@ def _emit(obj) -> None:
     data = encode_frame(obj)
     while data:
         data = data[os.write(1, data):]
-
-
-# ---------------------------------------------------------------------------------------------
-# Namespaces and the private root
-# ---------------------------------------------------------------------------------------------
-
-def _enter_namespaces(mode: str) -> None:
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if mode == USER_NS:
-        uid, gid = os.geteuid(), os.getegid()
-        _check(_libc.unshare(flags | CLONE_NEWUSER), "unshare")
-        # Map our one uid/gid to root of the new namespace; setgroups must be denied first.
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    else:
-        _check(_libc.unshare(flags), "unshare")
-
-
-def _ro_bind(src: str, dst: str) -> None:
-    _mount(src, dst, None, MS_BIND | MS_REC)
-    keep = 0
-    st = os.statvfs(src)
-    for bit, ms in _ST_TO_MS.items():
-        if st.f_flag & bit:
-            keep |= ms
-    _mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep)
-
-
-def _python_dirs() -> list:
-    # both ends of sys.executable: a venv's bin/python is a link into the base install (and
-    # under -I the venv is not detected, so sys.prefix alone misses it)
-    dirs = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix,
-            os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
-    return sorted(d for d in dirs if d and os.path.isdir(d))
-
-
-def _staging_dir(keep: list) -> str:
-    """A mount point for the new root that hides none of the directories still to be bound
-    (a Python in a venv under /tmp must stay reachable while the root is built)."""
-    for cand in ("/tmp", "/mnt", "/srv", "/media", "/opt", "/var/tmp"):
-        if os.path.isdir(cand) and not any(d == cand or d.startswith(cand + "/") for d in keep):
-            return cand
-    raise OSError("no directory to build the sandbox root on (every candidate holds the Python install)")
-
-
-def _build_root(job: dict) -> None:
-    """A fresh tmpfs as `/`: the system and Python directories bound read-only, a few device
-    nodes, and tmpfs space (one size limit for all of it) for /sandbox, /tmp, /var/tmp, /dev/shm.
-    Nothing the program writes can reach the host; nothing outside these binds is visible."""
-    lim = job["limits"]
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # no mount event propagates back to the host
-    new = _staging_dir(_python_dirs())  # the private mount namespace hides it from the host
-    _mount("sandbox", new, "tmpfs", MS_NOSUID | MS_NODEV,
-           f"size={int(lim['disk_bytes'])},nr_inodes={int(lim['max_inodes'])},mode=755")
-    bound = []
-    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", *_python_dirs()):
-        if any(top == b or top.startswith(b + "/") for b in bound) or not os.path.lexists(top):
-            continue
-        dst = new + top
-        if os.path.islink(top) and top.count("/") == 1:  # merged-/usr links such as /bin -> usr/bin
-            os.symlink(os.readlink(top), dst)
-            continue
-        os.makedirs(dst, mode=0o755, exist_ok=True)
-        try:
-            _ro_bind(top, dst)
-            bound.append(top)
-        except OSError:
-            os.rmdir(dst)  # e.g. not traversable for an unprivileged user: that Python dir stays out
-    for d, mode in (("proc", 0o555), ("dev", 0o755), ("dev/shm", 0o1777), ("tmp", 0o1777),
-                    ("var", 0o755), ("var/tmp", 0o1777), ("etc", 0o755), (WORKDIR[1:], 0o700)):
-        os.makedirs(f"{new}/{d}", exist_ok=True)
-        os.chmod(f"{new}/{d}", mode)
-    for dev in ("null", "zero", "full", "random", "urandom"):
-        open(f"{new}/dev/{dev}", "w").close()
-        _mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{new}/dev/{name}")
-    uid, gid = job["uid"], job["gid"]
-    with open(f"{new}/etc/passwd", "w") as f:
-        f.write(f"root:x:0:0:root:/:/bin/false\nsandbox:x:{uid}:{gid}:sandbox:{WORKDIR}:/bin/false\n")
-    with open(f"{new}/etc/group", "w") as f:
-        f.write(f"root:x:0:\nsandbox:x:{gid}:\n")
-    with open(f"{new}/etc/hosts", "w") as f:
-        f.write("127.0.0.1 localhost\n")
-    if os.path.isfile("/etc/ld.so.cache"):
-        open(f"{new}/etc/ld.so.cache", "w").close()
-        _ro_bind("/etc/ld.so.cache", f"{new}/etc/ld.so.cache")
-    if job["mode"] == ROOT_NS:
-        os.chown(new + WORKDIR, uid, gid)
-    _mount_proc(new + "/proc")
-    os.chdir(new)
-    _syscall("pivot_root", b".", b".")  # the old root ends up stacked under the new one...
-    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")  # ...and is detached here
-    os.chdir("/")
-
-
-def _mount_proc(target: str) -> None:
-    """The new pid namespace's /proc, mounted by its pid 1 before the pivot: in a user namespace
-    the kernel allows a proc mount only while an unobstructed one is still visible."""
-    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    try:  # hide the root-owned init from the test processes where the kernel knows the option
-        _mount("proc", target, "proc", flags, "hidepid=invisible")
-    except OSError:
-        _mount("proc", target, "proc", flags)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hardening: seccomp, the memory cgroup, keyrings
-# ---------------------------------------------------------------------------------------------
-
-# System calls no solution needs: each fails with EPERM. Also clone() with a namespace flag, and
-# clone3 with ENOSYS (its flags sit in memory a filter cannot read; glibc falls back to clone).
-SECCOMP_DENIED = (
-    "keyctl", "add_key", "request_key", "ptrace", "process_vm_readv", "process_vm_writev",
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "fsopen", "fsmount", "fspick",
-    "open_tree", "move_mount", "mount_setattr", "bpf", "perf_event_open", "userfaultfd",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
-    "swapon", "swapoff", "acct", "quotactl", "syslog", "open_by_handle_at", "name_to_handle_at",
-    "lookup_dcookie", "fanotify_init", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
-    "iopl", "ioperm", "vhangup",
-)
-_SCMP_ACT_ALLOW, _SCMP_CMP_MASKED_EQ, _EPERM, _ENOSYS = 0x7FFF0000, 7, 1, 38
-_SECCOMP = []  # [the filter as BPF bytes] when the job asks for it
-
-
-class _ScmpArg(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
-
-
-def seccomp_filter():
-    """(libseccomp, filter context) built once and loaded into every test process, or None where
-    libseccomp is not installed. Raises OSError when it is installed but refuses a rule."""
-    try:
-        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
-    except OSError:
-        return None
-    lib.seccomp_init.restype, lib.seccomp_init.argtypes = ctypes.c_void_p, [ctypes.c_uint32]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                           ctypes.POINTER(_ScmpArg)]
-    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
-    if not ctx:
-        raise OSError("seccomp_init failed")
-
-    def deny(name: str, errno: int, *conditions) -> None:
-        nr = lib.seccomp_syscall_resolve_name(name.encode())
-        if nr < 0:
-            return  # not a system call of this architecture
-        args = (_ScmpArg * max(1, len(conditions)))(*conditions)
-        rc = lib.seccomp_rule_add_array(ctx, 0x00050000 | errno, nr, len(conditions), args)
-        if rc < 0:
-            raise OSError(-rc, f"seccomp rule for {name}: {os.strerror(-rc)}")
-
-    for name in SECCOMP_DENIED:
-        deny(name, _EPERM)
-    for flag in (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP):
-        deny("clone", _EPERM, _ScmpArg(0, _SCMP_CMP_MASKED_EQ, flag, flag))
-    deny("clone3", _ENOSYS)
-    return lib, ctx
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-
-def seccomp_bpf(filt) -> bytes:
-    """The filter compiled to classic BPF once (libseccomp's seccomp_export_bpf), so each test
-    process installs it with one prctl instead of compiling it again."""
-    lib, ctx = filt
-    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    fd = os.memfd_create("seccomp-bpf", 0)
-    try:
-        rc = lib.seccomp_export_bpf(ctx, fd)
-        if rc < 0:
-            raise OSError(-rc, f"seccomp_export_bpf: {os.strerror(-rc)}")
-        return os.pread(fd, os.fstat(fd).st_size, 0)
-    finally:
-        os.close(fd)
-
-
-def _load_seccomp() -> None:
-    """Install the filter (no_new_privs must be set). Every test process does, after dropping
-    privileges and before the program or the test runs."""
-    for bpf in _SECCOMP:
-        prog = _SockFprog(len(bpf) // 8, bpf)
-        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "prctl(PR_SET_SECCOMP)")
-
-
-_CGROUP: dict = {}  # "procs" / "events": descriptors of the slot's memory cgroup, opened by _prepare()
-
-
-def _open_cgroup(spec) -> None:
-    """Opened while the runner waits for its job, and before the private root replaces the
-    host's file system: the descriptors stay usable from inside it."""
-    if spec:
-        _CGROUP["procs"] = os.open(spec["procs"], os.O_WRONLY | os.O_CLOEXEC)
-        _CGROUP["events"] = os.open(spec["events"], os.O_RDONLY | os.O_CLOEXEC)
-        _oom_score_adj(-1000)  # the supervisors are never the OOM killer's choice
-
-
-def _join_cgroup() -> None:
-    """Move this runner into the slot's memory cgroup: everything it forks (init, the test
-    processes, their children) is counted there. Done last while it waits for its job, off the
-    critical path (the first cgroup move after a quiet spell waits for an RCU grace period in
-    the kernel), when its imports are done: a runner waiting beside a running program charges
-    the slot next to nothing."""
-    fd = _CGROUP.get("procs")
-    if fd is not None:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(_CGROUP.pop("procs"))
-
-
-def _oom_score_adj(value: int) -> None:
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(value))
-    except OSError:
-        pass  # lowering needs privilege; raising (the test processes) never fails
-
-
-def _oom_kills() -> int:
-    """The cgroup's OOM-kill count (v1 memory.oom_control and v2 memory.events both say `oom_kill N`)."""
-    fd = _CGROUP.get("events")
-    if fd is None:
-        return 0
-    for line in os.pread(fd, 4096, 0).decode().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return 0
-
-
-def _clear_keyrings(uid: int) -> None:
-    """Without seccomp, a program can store keys in its uid's user keyrings, which outlive every
-    process: empty them as that uid after each test (KEYCTL_CLEAR of @u and @us)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setresuid(uid, uid, uid)
-            for ring in (-4, -5):
-                _syscall("keyctl", 7, ring)
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-        os._exit(0)
-    os.waitpid(pid, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +223,7 @@ def _run_one(job: dict, test: dict, index: int, workdir: str) -> dict:
     nonce = os.urandom(16).hex()
     stdin = _memfd(test.get("input", "").encode())
     (out_r, out_w), (err_r, err_w), (ver_r, ver_w) = os.pipe(), os.pipe(), os.pipe()
-    oom_before = _oom_kills()
+    oom_before = iso.oom_kills()
     t0 = time.monotonic()
     if "code" in test:
         (req_r, req_w), (rep_r, rep_w) = os.pipe(), os.pipe()
@@ -527,7 +244,7 @@ def _run_one(job: dict, test: dict, index: int, workdir: str) -> dict:
     leftover = _kill_all(job["mode"], job["uid"])
     _reap_all(job["mode"], job["uid"])
     if job.get("clear_keys"):
-        _clear_keyrings(job["uid"])
+        iso.clear_keyrings(job["uid"])
     cap = job["limits"]["output_bytes"]
     # Every writer is dead now: drain what is buffered, within the caps.
     for fd in (out_r, err_r, ver_r):
@@ -550,7 +267,7 @@ def _run_one(job: dict, test: dict, index: int, workdir: str) -> dict:
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 4),
         "wall_s": round(wall, 4),
         "limit": limit,
-        "oom": _oom_kills() > oom_before,
+        "oom": iso.oom_kills() > oom_before,
         "leftover": leftover and not limit,
         "verdict": _parse_verdict(bytes(bufs[ver_r]), nonce),
     }
@@ -571,7 +288,7 @@ def _supervise(job: dict, cand: int, evaluator, fds: tuple, t0: float) -> tuple:
             running.add(pidfd)
             poller.register(pidfd, select.POLLIN)
     pidfds = set(running)
-    exclude, with_rss = {evaluator}, not _CGROUP
+    exclude, with_rss = {evaluator}, not iso.CGROUP
     cap, limit = lim["output_bytes"], None
     next_check = t0 + USAGE_CHECK_S
     while running:
@@ -653,7 +370,7 @@ def _candidate(job: dict, test: dict, fds: tuple, nonce: str, workdir: str) -> N
     _streams()
     sys.argv = ["solution.py"]
     sys.path.insert(0, workdir)
-    hook = (lambda: _install_audit_hook(workdir)) if job["mode"] == AUDIT else None
+    hook = (lambda: iso.install_audit_hook(workdir)) if job["mode"] == AUDIT else None
     if "code" in test:
         calls.serve(job["code"], 3, 4, _max_message(job), before_run=hook)
     _run_program(job, nonce, hook)
@@ -695,11 +412,11 @@ def _limit_and_drop(job: dict, uid: int, candidate: bool) -> None:
         if res == resource.RLIMIT_CPU and not candidate:
             continue  # the evaluator is bounded by the wall clock; its CPU is not the program's
         resource.setrlimit(res, value if isinstance(value, tuple) else (value, value))
-    _oom_score_adj(1000 if candidate else 500)  # the program first; the evaluator before the supervisors
+    iso.oom_score_adj(1000 if candidate else 500)  # the program first; the evaluator before the supervisors
     if candidate and (os.geteuid() == 0 or mode == USER_NS):
         # SysV segments, semaphores and message queues live in the IPC namespace: a private one
         # per test, gone with its last process, so nothing outlives the test or reaches the next.
-        _check(_libc.unshare(CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
+        iso.check(iso.libc.unshare(iso.CLONE_NEWIPC), "unshare(iso.CLONE_NEWIPC)")
     if os.geteuid() == 0 and mode != USER_NS:
         # An unprivileged uid of its own: RLIMIT_NPROC applies (root ignores it), root-only files
         # and other users' processes (the supervisor, the init, the evaluator) are out of reach.
@@ -707,17 +424,11 @@ def _limit_and_drop(job: dict, uid: int, candidate: bool) -> None:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     elif mode == USER_NS:
-        _drop_capabilities()  # root of the user namespace, minus every capability
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability gives anything back
-    _prctl(PR_SET_DUMPABLE, 0)  # not ptrace-able, /proc/<pid>/mem and fd closed even to the same uid
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
-    _load_seccomp()
-
-
-def _drop_capabilities() -> None:
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words: all empty
-    _syscall("capset", header, data)
+        iso.drop_capabilities()  # root of the user namespace, minus every capability
+    iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability gives anything back
+    iso.prctl(iso.PR_SET_DUMPABLE, 0)  # not ptrace-able, /proc/<pid>/mem and fd closed even to the same uid
+    iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+    iso.load_seccomp()
 
 
 def _streams() -> None:
@@ -726,55 +437,6 @@ def _streams() -> None:
     sys.stdout = sys.__stdout__ = io.open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
     sys.stderr = sys.__stderr__ = io.open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
                                           buffering=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# audit-hook mode: the Python-level barrier where no namespace is available
-# ---------------------------------------------------------------------------------------------
-
-_DENIED_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-                            "socket.sendmsg", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-                            "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill"})
-# events that change the file system, and which of their arguments are paths
-_PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.truncate": (0,),
-                "os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.mkdir": (0,),
-                "os.utime": (0,), "shutil.rmtree": (0,)}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_DENIED_IMPORTS = frozenset({"_posixsubprocess"})  # its fork_exec starts programs without an event
-
-
-class _Denied(PermissionError):
-    pass
-
-
-def _install_audit_hook(workdir: str) -> None:
-    """Refuse sockets, starting programs, signalling processes, ctypes (which would step around
-    the hook) and changing files outside the working directory. The hook only uses what it
-    captured here: the program cannot reach it, but it can rebind module attributes."""
-    denied, denied_imports, path_events, Denied = _DENIED_EVENTS, _DENIED_IMPORTS, _PATH_EVENTS, _Denied
-    fsdecode, is_int, write_flags, realpath, any_ = os.fsdecode, int, _WRITE_FLAGS, os.path.realpath, any
-
-    def outside(path) -> bool:
-        if path.__class__ is is_int:  # an fd: opened through a path that was checked
-            return False
-        real = realpath(fsdecode(path))
-        return not (real == workdir or real.startswith(workdir + "/") or real == "/dev/null")
-
-    def hook(event, args):
-        if event in denied or event.startswith("ctypes.") or (event == "import" and args[0] in denied_imports):
-            pass
-        elif event == "open":
-            if args[0].__class__ is is_int or not ((args[2] or 0) & write_flags and outside(args[0])):
-                return
-        elif event in path_events:
-            if not any_(outside(args[i]) for i in path_events[event]):
-                return
-        else:
-            return
-        raise Denied(f"sandbox: {event} {args[0]} is not allowed" if event == "import" else
-                     f"sandbox: {event} is not allowed")
-
-    sys.addaudithook(hook)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,14 +506,14 @@ def _prepare(prep: dict) -> None:
     descriptors, the seccomp filter, the modules every test process uses (imported once, so no forked process
     pays for them; `socket` so that the barrier a program meets in audit-hook mode is the hook,
     not a stdlib directory the slot uid may be unable to read)."""
-    _open_cgroup(prep.get("cgroup"))
+    iso.open_cgroup(prep.get("cgroup"))
     if prep.get("seccomp"):
-        filt = seccomp_filter()
+        filt = iso.seccomp_filter()
         if filt is None:
             raise OSError("libseccomp is not installed")
-        _SECCOMP[:] = [seccomp_bpf(filt)]
+        iso.SECCOMP[:] = [iso.seccomp_bpf(filt)]
     _preload("threading", "io", "types", *(("socket",) if prep.get("mode") == AUDIT else ()))
-    _join_cgroup()
+    iso.join_cgroup()
 
 
 def _read_frame(fd: int):
@@ -869,17 +531,22 @@ def _read_frame(fd: int):
 
 
 def _run_tests(job: dict, workdir: str) -> None:
-    stop = None
+    # A program that does not compile fails every test the same way: compiled once here (the
+    # supervisor, not a test process whose report the program could forge), and nothing runs.
+    try:
+        compile(job["code"], "<solution>", "exec", dont_inherit=True, optimize=0)
+        unbuildable = None
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        unbuildable = calls.classify(e)
     for i, test in enumerate(job["tests"]):
-        if stop is not None:  # a syntax error fails every test the same way: do not rerun it
-            _emit(dict(stop, i=i))
-            continue
-        res = _run_one(job, test, i, workdir)
+        res = _not_run(i, *unbuildable) if unbuildable else _run_one(job, test, i, workdir)
         res["i"] = i
         _emit(res)
-        v = res["verdict"]
-        if v and v["kind"] == "syntax error" and v["status"] != "tampered":
-            stop = res
+
+
+def _not_run(i: int, kind: str, detail: str) -> dict:
+    return {"stdout": "", "stderr": "", "exit": None, "signal": None, "cpu_s": 0.0, "wall_s": 0.0, "limit": None,
+            "oom": False, "leftover": False, "verdict": {"status": "fail", "kind": kind, "detail": detail}}
 
 
 def _preload(*modules: str) -> None:
@@ -889,7 +556,7 @@ def _preload(*modules: str) -> None:
 
 def _die_with_parent() -> None:
     ppid = os.getppid()
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != ppid:  # the parent died before the prctl took effect
         os._exit(1)
 
@@ -906,9 +573,9 @@ def probe() -> dict:
         pid = os.fork()
         if pid == 0:
             try:
-                _enter_namespaces(mode)
-                _mount(None, "/", None, MS_REC | MS_PRIVATE)
-                _mount("probe", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=65536")
+                iso.enter_namespaces(mode == USER_NS)
+                iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+                iso.mount("probe", "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=65536")
                 os._exit(0)
             except BaseException:  # noqa: BLE001
                 os._exit(1)
@@ -922,16 +589,16 @@ def _probe_seccomp() -> bool:
     pid = os.fork()
     if pid == 0:
         try:
-            filt = seccomp_filter()
+            filt = iso.seccomp_filter()
             if filt is None:
                 os._exit(2)
-            _SECCOMP[:] = [seccomp_bpf(filt)]
-            _prctl(PR_SET_NO_NEW_PRIVS, 1)
-            _load_seccomp()
+            iso.SECCOMP[:] = [iso.seccomp_bpf(filt)]
+            iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
+            iso.load_seccomp()
             try:
-                _syscall("keyctl", 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
+                iso.syscall("keyctl", 0, -3, 0)  # KEYCTL_GET_KEYRING_ID of the session keyring
             except OSError as e:
-                os._exit(0 if e.errno == _EPERM else 1)
+                os._exit(0 if e.errno == iso.EPERM else 1)
             os._exit(1)
         except BaseException:  # noqa: BLE001
             os._exit(1)
@@ -940,18 +607,15 @@ def _probe_seccomp() -> bool:
 
 
 def main(argv: list) -> None:
-    global calls
-    import sandbox_calls  # imported by the bootstrap beside us (see `command`)
-    calls = sandbox_calls
     # Out of sight before any program runs here.
-    sys.modules.pop(__name__, None)
-    sys.modules.pop("sandbox_calls", None)
+    for name in (__name__, "sandbox_calls", "sandbox_isolation"):
+        sys.modules.pop(name, None)
     if argv == ["--probe"]:
         _emit(probe())
         return
     _die_with_parent()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _libc.mallopt(M_ARENA_MAX, 2)  # glibc reserves 64 MiB of address space per thread arena
+    iso.libc.mallopt(M_ARENA_MAX, 2)  # glibc reserves 64 MiB of address space per thread arena
     try:
         _prepare(_read_frame(0))
     except OSError as e:
@@ -962,28 +626,28 @@ def main(argv: list) -> None:
         os._exit(0)  # the sandbox closed without using us
     mode = job["mode"]
     if mode == AUDIT:
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)
-        _prctl(PR_SET_DUMPABLE, 0)  # the tests' memfd out of reach of same-uid processes
+        iso.prctl(iso.PR_SET_CHILD_SUBREAPER, 1)
+        iso.prctl(iso.PR_SET_DUMPABLE, 0)  # the tests' memfd out of reach of same-uid processes
         _run_tests(job, job["workdir"])
         return
     try:
-        _enter_namespaces(mode)
+        iso.enter_namespaces(mode == USER_NS)
     except OSError as e:
         _emit({"error": f"sandbox setup failed: {e}"})
         os._exit(3)
     pid = os.fork()
     if pid == 0:  # pid 1: when it exits, the kernel kills everything left in the namespace
         try:
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            _build_root(job)
-            _libc.sethostname(b"sandbox", 7)
+            iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
+            iso.build_root(job["limits"], job["uid"], job["gid"], own_workdir=mode == ROOT_NS)
+            iso.libc.sethostname(b"sandbox", 7)
             # after the uid map is written (user namespaces): our descriptors (the tests' memfd)
             # are then out of reach of the test processes, which share our uid there
-            _prctl(PR_SET_DUMPABLE, 0)
+            iso.prctl(iso.PR_SET_DUMPABLE, 0)
         except OSError as e:
             _emit({"error": f"sandbox setup failed: {e}"})
             os._exit(3)
-        _run_tests(job, WORKDIR)
+        _run_tests(job, iso.WORKDIR)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     os._exit(0 if status == 0 else 3)
@@ -993,7 +657,7 @@ def command(*args: str) -> list:
     """How the parent starts the runner: `-I -S` (no site, no environment), and the modules
     imported from their directory rather than run as a script, so their bytecode is cached."""
     # Appended, not prepended: its neighbours (rewards/types.py) must not shadow the stdlib.
-    boot = "import sys; sys.path.append(sys.argv[1]); import sandbox_calls, sandbox_runner; sys.path.pop(); " \
+    boot = "import sys; sys.path.append(sys.argv[1]); import sandbox_runner; sys.path.pop(); " \
            "sandbox_runner.main(sys.argv[2:])"
     return [sys.executable, "-I", "-S", "-c", boot, os.path.dirname(os.path.abspath(__file__)), *args]
 
