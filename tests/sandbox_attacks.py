@@ -29,18 +29,50 @@ TIME_LIMITS = ("cpu time limit", "timeout")
 # Attacks on the two-process assertion tests, the memory cgroup, IPC, keyrings and seccomp.
 # Section markers name the class of attack (1: forged verdicts/frames, 2: lying values,
 # 3: patched modules/builtins, 4: comparison styles, 5: memory outside RSS, 6: persistence,
-# 7: seccomp/namespace escapes, 8: reading the answer key, 9: everything else). Entries marked
-# HOLE earned credit when written (see the report in the pull request): their `reasons` are the
-# ones they should get once the hole is closed.
+# 7: seccomp/namespace escapes, 8: reading the answer key, 9: everything else). Entries whose
+# comment says "earned credit before" (or "crashed the runner before") were holes found while the
+# design was built and closed since; they stay as regression tests.
 
-# A hand-rolled client of the candidate side of the call protocol (4-byte length + tagged JSON on
-# fds 3 (requests in) and 4 (replies out)), as a program that read the design would write it:
+# A hand-rolled server for the candidate side of the call protocol (4-byte length + tag-byte
+# codec on fds 3 (requests in) and 4 (replies out)), as a program that read the design writes it:
 # `CATALOG` is sent instead of the harness's catalog, `HANDLES[n]` answers requests for handle n.
 _OWN_SERVER = r'''
-import json as _json, os as _os
+import os as _os, struct as _struct
+class _Ref:
+    def __init__(self, n):
+        self.n = n
+def _put(out, v):
+    t = type(v)
+    if v is None:
+        out += b"N"
+    elif t is bool:
+        out += b"T" if v else b"F"
+    elif t is int:
+        data = v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True)
+        out += b"i" + len(data).to_bytes(4, "big") + data
+    elif t is float:
+        out += b"f" + _struct.pack(">d", v)
+    elif t is str:
+        data = v.encode()
+        out += b"s" + len(data).to_bytes(4, "big") + data
+    elif t in (list, tuple, set):
+        out += {list: b"l", tuple: b"t", set: b"S"}[t] + len(v).to_bytes(4, "big")
+        for x in v:
+            _put(out, x)
+    elif t is dict:
+        out += b"d" + len(v).to_bytes(4, "big")
+        for k, x in v.items():
+            _put(out, k)
+            _put(out, x)
+    elif t is _Ref:
+        out += b"R" + v.n.to_bytes(4, "big")
+    else:
+        HANDLES.append(v)
+        out += b"R" + (len(HANDLES) - 1).to_bytes(4, "big")
 def _send(obj):
-    data = _json.dumps(obj).encode()
-    data = len(data).to_bytes(4, "big") + data
+    out = bytearray()
+    _put(out, obj)
+    data = len(out).to_bytes(4, "big") + bytes(out)
     while data:
         data = data[_os.write(4, data):]
 def _read(n):
@@ -51,44 +83,64 @@ def _read(n):
             _os._exit(0)
         buf += chunk
     return buf
-def _enc(v):
-    if v is None or type(v) in (bool, int, float, str):
-        return v
-    if type(v) in (list, tuple, set):
-        return [{list: "l", tuple: "t", set: "S"}[type(v)], [_enc(x) for x in v]]
-    HANDLES.append(v)
-    return ["R", len(HANDLES) - 1]
-def _dec(x):
-    if type(x) is list:
-        tag, p = x
-        if tag in ("l", "t"):
-            return [_dec(i) for i in p]
-        if tag == "d":
-            return {_dec(k): _dec(v) for k, v in p}
-        if tag == "R":
-            return HANDLES[p]
-        return p
-    return x
+def _get(data, pos):
+    tag, pos = data[pos], pos + 1
+    if tag in b"NTF":
+        return {78: None, 84: True, 70: False}[tag], pos
+    if tag in b"isbB":
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        raw, pos = data[pos + 4:pos + 4 + n], pos + 4 + n
+        return (int.from_bytes(raw, "big", signed=True) if tag == 105 else raw.decode() if tag == 115 else raw), pos
+    if tag == 102:
+        return _struct.unpack(">d", data[pos:pos + 8])[0], pos + 8
+    if tag in b"ltSzd":
+        n, pos, items = int.from_bytes(data[pos:pos + 4], "big"), pos + 4, []
+        for _ in range(n * (2 if tag == 100 else 1)):
+            x, pos = _get(data, pos)
+            items.append(x)
+        if tag == 100:
+            return dict(zip(items[::2], items[1::2])), pos
+        return {108: list, 116: tuple, 83: set, 122: frozenset}[tag](items), pos
+    if tag == 82:
+        return HANDLES[int.from_bytes(data[pos:pos + 4], "big")], pos + 4
+    raise ValueError(tag)
 def _serve():
-    _send(["ready", CATALOG])
+    _send(("ready", CATALOG))
     while True:
-        msg = _json.loads(_read(int.from_bytes(_read(4), "big")))
+        msg = _get(_read(int.from_bytes(_read(4), "big")), 0)[0]
         if msg[0] == "exit":
             _os._exit(0)
         obj = HANDLES[msg[1]]
         try:
             if msg[0] == "call":
-                _send(["ok", _enc(obj(*_dec(msg[2]), **dict(_dec(msg[3])))), [None] * len(msg[4]), [None] * len(msg[5])])
+                _send(("ok", obj(*msg[2], **msg[3]), [msg[2][i] for i in msg[4]], [msg[3][k] for k in msg[5]]))
             elif msg[0] == "getitem":
-                _send(["ok", _enc(obj[_dec(msg[2])])])
+                _send(("ok", obj[msg[2]]))
             elif msg[0] == "getattr":
-                _send(["ok", _enc(getattr(obj, msg[2]))])
+                _send(("ok", getattr(obj, msg[2])))
             else:
-                _send(["err", "TypeError", "TypeError", msg[0]])
+                _send(("err", "TypeError", "TypeError", msg[0]))
         except LookupError as e:
-            _send(["err", "KeyError", "KeyError", str(e)])
+            _send(("err", "KeyError", "KeyError", str(e)))
         except Exception as e:
-            _send(["err", "TypeError", "TypeError", str(e)])
+            _send(("err", "TypeError", "TypeError", str(e)))
+'''
+
+# What a program gets the evaluator to run when it can: find the verdict nonce (a closure cell of
+# the evaluator's `report`), write a pass verdict on the verdict pipe (fd 3), exit before the test
+# goes on.
+_FORGE_VERDICT = r'''
+import gc, os
+for f in gc.get_objects():
+    if type(f).__name__ == "function" and f.__name__ == "report" and f.__closure__:
+        for c in f.__closure__:
+            try:
+                v = c.cell_contents
+            except ValueError:
+                continue
+            if type(v) is str and len(v) == 32:
+                os.write(3, (v + " pass \t\n").encode())
+                os._exit(0)
 '''
 
 # Tests for a circle's area that a wrong `area` (3 r^2) can only pass by lying.
@@ -140,7 +192,7 @@ import json, os
 def frame(obj):
     data = json.dumps(obj).encode()
     return len(data).to_bytes(4, "big") + data
-# the catalog, then answers queued before any question: a dict "value", an "exit", a pass claim
+# the catalog, then answers queued before any question, in a guessed (JSON) format
 os.write(4, frame(["ready", [["secret_sauce", "object", 0]]]) + frame(["ok", {"__eq__": True}, [], []])
          + frame(["pass"]) + frame(["exit"]))
 os._exit(0)
@@ -172,13 +224,13 @@ for _ in range(4):
     except OSError:
         pass
 """, ("killed by signal SIGKILL", "verdict channel tampered")),
-    # HOLE: a stdin/stdout test's candidate holds the verdict pipe and the nonce; a verdict of
-    # kind "syntax error" makes the runner copy the whole report, status included, to every later
-    # test, so the assertion tests after it "pass" without running (3 of 4 when written).
-    Hostile("HOLE_forged_syntax_error_verdict_copied_to_later_assertion_tests", r"""
+    # Earned credit before the runner compiled the program itself: a stdin/stdout test's
+    # candidate holds the verdict pipe and the nonce, and a verdict of kind "syntax error" made the
+    # runner copy that report, status included, to every later test (assertion tests "passed").
+    Hostile("forged_syntax_error_verdict_copied_to_later_assertion_tests", r"""
 import os, sys
 def add(a, b):
-    return 0
+    return a - b - 1
 if __name__ == "__main__":
     nonce = sys._getframe(0).f_back.f_locals["nonce"]
     print(0)
@@ -187,7 +239,7 @@ if __name__ == "__main__":
     os._exit(0)
 """, ("wrong answer", "verdict channel tampered", "assertion failed", "syntax error"),
         tests=[{"input": "2 3\n", "output": "5"}, {"code": "assert add(2, 3) == 5"},
-               {"code": "assert add(-1, 1) == 0"}, {"code": "assert add(10, 20) == 30"}]),
+               {"code": "assert add(1, 1) == 2"}, {"code": "assert add(10, 20) == 30"}]),
 
     # ---- 2: lying values in built-in proxy types; expected values with their own __eq__ --------
     Hostile("weakref_proxy_of_lying_list", r"""
@@ -347,7 +399,6 @@ fake.isclose, fake.fabs, fake.pi = math.isclose, math.fabs, 3.0
 for name in ("math", "fractions", "unittest", "operator", "cmath"):
     sys.modules[name] = fake
 open("math.py", "w").write("isclose = lambda *a, **k: True\npi = 3.0\nfabs = lambda x: 0.0\n")
-builtins.__import__ = lambda name, *a, **k: fake
 def area(r):
     return 3.0 * r * r
 """, ("assertion failed",),
@@ -384,7 +435,6 @@ def evens(n):
     Hostile("patch_builtins_module_in_place", r"""
 import builtins
 builtins.abs = lambda x: 0
-builtins.len = lambda x: 5
 builtins.sorted = lambda *a, **k: [0, 2, 4, 6, 8]
 builtins.round = lambda *a: 3.14
 builtins.all = builtins.any = lambda *a: True
@@ -396,26 +446,26 @@ def evens(n):
     return [1]
 """, ("assertion failed",),
         tests=[{"code": "assert abs(area(2) - 12.566) < 1e-3"},
-               {"code": "assert len(evens(10)) == 5 and sorted(evens(10)) == [0, 2, 4, 6, 8]"},
+               {"code": "assert sorted(evens(10)) == [0, 2, 4, 6, 8] and all([x % 2 == 0 for x in evens(10)])"},
                {"code": "assert round(area(1), 2) == 3.14 and sum(evens(4)) == 2 and max(evens(4)) == 2"}]),
-    # HOLE: `from solution import *` (a common harness preamble) binds the program's `abs`,
-    # `sorted`, ... over the builtins in the test: the filter applies to the namespace only.
-    Hostile("HOLE_star_import_brings_shadowed_builtins", r"""
+    # Earned credit before `solution.__all__`: `from solution import *` (a common harness
+    # preamble) bound the program's `abs`, `sorted`, ... over the builtins in the test.
+    Hostile("star_import_brings_shadowed_builtins", r"""
 def abs(x):
     return 0
 def sorted(*a, **k):
     return []
-def isinstance(*a):
+def all(*a):
     return True
 def area(r):
     return 3.0 * r * r
 """, ("assertion failed",),
         tests=[{"code": "from solution import *\nassert abs(area(2) - 12.566) < 1e-3"},
                {"code": "from solution import *\nassert sorted([area(1), area(2)]) == sorted([3.14159, 12.566])"},
-               {"code": "from solution import *\nassert isinstance(area(1), int) and abs(area(1) - 3.14159) < 1e-4"}]),
-    # HOLE: a test that relies on the solution's `import math` (MBPP-style) gets whatever the
-    # program bound to the name `math`: a class of its own is a handle whose isclose says True.
-    Hostile("HOLE_fake_math_for_a_test_that_does_not_import_it", r"""
+               {"code": "from solution import *\nassert all([area(r) > 3.1 * r * r for r in (1, 2)])"}]),
+    # Earned credit before names used as modules got the stdlib module: a test that relies on the
+    # solution's `import math` (MBPP-style) got whatever the program bound to `math`.
+    Hostile("fake_math_for_a_test_that_does_not_import_it", r"""
 class math:
     pi = 3.0
     @staticmethod
@@ -429,10 +479,10 @@ def area(r):
 """, ("runtime error: NameError", "assertion failed", "compared an object of the program's own class"),
         tests=[{"code": "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"},
                {"code": "assert math.fabs(area(1) - 3.14159) < 1e-4"}]),
-    # HOLE: the catalog is the program's to write; an entry named `__builtins__` (a dunder, but
-    # not a name of the builtins module, so not filtered) replaces the builtins the test's code
-    # runs with: `abs`, `isinstance`, `sorted` ... are then the program's (3 of 3 when written).
-    Hostile("HOLE_forged_catalog_binds___builtins__", _OWN_SERVER + r"""
+    # Earned credit before dunder catalog names were dropped: the catalog is the program's to
+    # write, and an entry named `__builtins__` (not a name of the builtins module, so not
+    # filtered) replaced the builtins the test ran with: `abs`, `isinstance`, `sorted`...
+    Hostile("forged_catalog_binds___builtins__", _OWN_SERVER + r"""
 import builtins as _b
 def area(r):
     return 3.0 * r * r
@@ -442,12 +492,12 @@ class Builtins:
     def __getitem__(self, name):
         return FAKE[name] if name in FAKE else getattr(_b, name)
 HANDLES = [area, Builtins()]
-CATALOG = [["area", "object", 0], ["__builtins__", "object", 1]]
+CATALOG = [("area", "object", _Ref(0)), ("__builtins__", "object", _Ref(1))]
 _serve()
 """, ("program sent garbage", "assertion failed"), tests=AREA_TESTS),
-    # HOLE: the same through the harness's own catalog (its module globals are one frame up),
-    # as a plain dict of handles: `import math` in the test then runs the program's __import__.
-    Hostile("HOLE_patched_catalog_binds___builtins___and___import__", r"""
+    # The same through the harness's own catalog (its module globals are one frame up), as a
+    # plain dict of handles: `import math` in the test then ran the program's __import__.
+    Hostile("patched_catalog_binds___builtins___and___import__", r"""
 import builtins, sys
 def area(r):
     return 3.0 * r * r
@@ -463,7 +513,7 @@ for k in ("float", "int", "str", "list", "tuple", "range", "print"):
     FAKE[k] = getattr(builtins, k)
 g = sys._getframe(1).f_globals
 honest = g["_catalog"]
-g["_catalog"] = lambda ns, enc, *rest: honest(ns, enc, *rest) + [["__builtins__", "value", enc(FAKE)]]
+g["_catalog"] = lambda ns, *rest: honest(ns, *rest) + [("__builtins__", "value", FAKE)]
 del builtins, sys  # modules in the test's namespace would not cross as plain data
 """, ("program sent garbage", "assertion failed", "runtime error"), tests=AREA_IMPORT_TESTS),
 
@@ -517,14 +567,15 @@ def top3(xs):
         tests=[{"code": "assert sorted(top3([5, 1, 4, 2])) == [2, 4, 5]"},
                {"code": "assert 4 in top3([5, 1, 4, 2]) and 1 not in top3([5, 1, 4, 2])"},
                {"code": "assert top3([5, 1, 4, 2]) <= [2, 4, 5] and len(top3([5, 1, 4, 2])) == 3"}]),
-    # HOLE: the program's StopIteration is rebuilt as a real StopIteration in the evaluator;
-    # raised inside map(), it ends the iteration, so all(map(...)) / not any(map(...)) hold.
-    Hostile("HOLE_stop_iteration_ends_map_early", r"""
+    # Earned credit before StopIteration became RuntimeError: raised by a call inside map() it
+    # ended the iteration, so all(map(...)) / not any(map(...)) / not list(filter(...)) held.
+    Hostile("stop_iteration_ends_map_and_filter_early", r"""
 def add(a, b):
     raise StopIteration
 """, ("assertion failed", "runtime error"),
         tests=[{"code": "assert all(map(lambda c: add(c[0], c[1]) == c[2], [(2, 3, 5), (-1, 1, 0)]))"},
                {"code": "assert not any(map(lambda c: add(c[0], c[1]) != c[2], [(2, 3, 5), (-1, 1, 0)]))"},
+               {"code": "assert not list(filter(lambda c: add(c[0], c[1]) != c[2], [(2, 3, 5), (-1, 1, 0)]))"},
                {"code": "assert list(map(add, [2, -1], [3, 1])) == [5, 0]"}]),
 
     # ---- 5: memory outside any process's resident set ----------------------------------------
@@ -539,7 +590,7 @@ for i in range(8):
     ctypes.memset(addr, 1, size)
     libc.shmdt(ctypes.c_void_p(addr))  # no process maps it any more; no IPC_RMID either
 print(5)
-""", ("memory limit",)),
+""", ("memory limit",) + TIME_LIMITS),
     Hostile("shm_segments_made_by_children_that_exit", r"""
 import ctypes, os, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -553,7 +604,7 @@ for i in range(8):
         os._exit(0)
     os.waitpid(pid, 0)
 time.sleep(30)
-""", ("memory limit",)),
+""", ("memory limit",) + TIME_LIMITS),
     Hostile("memfd_page_cache_in_children", r"""
 import os, time
 kids = []
@@ -570,7 +621,7 @@ for k in range(8):
     kids.append(pid)
 for pid in kids:
     os.waitpid(pid, 0)
-""", ("memory limit",)),
+""", ("memory limit",) + TIME_LIMITS),
     Hostile("shared_memory_blocks_on_dev_shm", r"""
 from multiprocessing import shared_memory
 blocks = []
@@ -758,7 +809,7 @@ def visit(x, seen):
         elif type(o) is dict:
             todo.extend(o.keys())
             todo.extend(o.values())
-        elif hasattr(o, "co_consts"):
+        elif type(o) is type(visit.__code__):
             todo.extend(o.co_consts)
 def secret_sauce(n):
     seen = set()
@@ -809,11 +860,14 @@ def add(a, b):
 def add(a, b):
     return 0
 HANDLES = [add]
-CATALOG = [["add", "object", 0]]
-_send(["ready", CATALOG])
-while True:  # every request answered with a reply nested 300000 deep (json's parser recurses)
+CATALOG = [("add", "object", _Ref(0))]
+_send(("ready", CATALOG))
+while True:  # every request answered with a result nested 300000 deep (one-element lists)
     _read(int.from_bytes(_read(4), "big"))
-    data = ('["ok",' + "[" * 300000 + "]" * 300000 + ",[],[]]").encode()
+    ok = bytearray()
+    _put(ok, "ok")
+    data = b"t" + (4).to_bytes(4, "big") + bytes(ok) + (b"l" + (1).to_bytes(4, "big")) * 300000 + b"N" \
+        + b"l" + bytes(4) + b"l" + bytes(4)
     _os.write(4, len(data).to_bytes(4, "big") + data)
 """, ("recursion limit", "program sent garbage", "no verdict", "program died during the test"), task="add"),
     Hostile("deeply_nested_value_and_huge_int", r"""
@@ -834,14 +888,14 @@ class Weird:
         return 5
 def add(a, b):
     return Weird()
-""", ("runtime error", "compared an object of the program's own class"),
+""", ("recursion limit", "runtime error", "compared an object of the program's own class"),
         tests=[{"code": "assert str(add(2, 3)) == '5'"}, {"code": "assert [add(-1, 1)] == [0]"},
                {"code": "assert add(2, 3) == 5, repr(add(2, 3))"}]),
     Hostile("generator_enumerating_every_integer", r"""
 import itertools
 def primes(n):
     return itertools.count()
-""", TIME_LIMITS + ("memory limit",),
+""", ("assertion failed",) + TIME_LIMITS,
         tests=[{"code": "assert 7 in primes(10) and 4 not in primes(10)"},
                {"code": "assert 9 not in primes(10)"}]),
     Hostile("exception_claiming_to_be_ValueError_with_lying_str", r"""
@@ -870,10 +924,10 @@ sys.stdout = sys.__stdout__ = Fake()
 os.dup2(os.open("/dev/null", os.O_WRONLY), 1)  # the real stdout goes nowhere
 print(4)
 """, ("wrong answer",)),
-    # HOLE: a callable's `__module__` / `__qualname__` are the program's to set; "external"
-    # entries make the evaluator bind its own object at that path, here unittest.mock.ANY
-    # (always equal) and its bound __eq__ (always true) (2 of 3 when written).
-    Hostile("HOLE_forged_module_qualname_binds_mock_ANY", r"""
+    # Earned credit before externals were limited to top-level functions of a few modules: a
+    # callable's `__module__` / `__qualname__` are the program's to set, and the evaluator bound
+    # its own object at that path: unittest.mock.ANY (always equal), its bound __eq__ (true).
+    Hostile("forged_module_qualname_binds_mock_ANY", r"""
 def answer():
     return 0
 answer.__module__, answer.__qualname__ = "unittest.mock", "ANY.__class__"
@@ -887,10 +941,127 @@ is_even.__module__, is_even.__qualname__ = "unittest.mock", "ANY.__eq__"
 def add(a, b):
     return a - b
 HANDLES = [add]
-CATALOG = [["add", "object", 0], ["AssertionError", "value", 0], ["__import__", "value", 0], ["__name__", "value", "x"],
-           ["isinstance", "object", 0], ["abs", "object", 0], ["__spec__", "value", 1], ["__loader__", "value", 1]]
+CATALOG = [("add", "object", _Ref(0)), ("AssertionError", "value", 0), ("__import__", "value", 0),
+           ("__name__", "value", "x"), ("isinstance", "object", _Ref(0)), ("abs", "object", _Ref(0)),
+           ("__spec__", "value", 1), ("__loader__", "value", 1), ("__build_class__", "value", 1)]
 _serve()
 """, ("assertion failed",),
         tests=[{"code": "assert add(2, 3) == 5"}, {"code": "import math\nassert abs(add(-1, 1)) == 0 and isinstance(math.pi, float)"}]),
+    # ---- 9b: the evaluator running what the program chose ----------------------------------
+    # Earned credit before externals were vetted name by name: `from builtins import eval` bound
+    # the evaluator's eval, and a round-trip test (decode(encode(x)) == x, the shape of every
+    # serialize/deserialize task) evaluated the program's string in the evaluator.
+    Hostile("external_builtins_eval_runs_program_expression_in_evaluator", r"""
+from builtins import eval as decode
+def encode(s):
+    return "__import__('unittest.mock').mock.ANY"
+""", ("compared an object of the program's own class", "runtime error", "assertion failed"),
+        tests=[{"code": "for s in ['', 'aaab', 'xyz']:\n    assert decode(encode(s)) == s"},
+               {"code": "assert decode(encode([1, [2, 3]])) == [1, [2, 3]]"}]),
+    # Earned credit before (2 of 3): typing.get_type_hints, then an allowed external, evaluated
+    # string annotations read from the program's object; the code run there forged the verdict.
+    Hostile("external_get_type_hints_runs_program_code_and_forges_verdict", r"""
+from typing import get_type_hints as decode
+class Blob:
+    __annotations__ = {"x": "exec(%r)" % FORGE}
+def encode(s):
+    return Blob()
+def sort3(xs):
+    return xs
+""".replace("FORGE", repr(_FORGE_VERDICT)),
+        ("compared an object of the program's own class", "runtime error", "assertion failed", "program sent garbage"),
+        tests=[{"code": "for s in ['', 'aaab']:\n    assert decode(encode(s)) == s"},
+               {"code": "assert sort3([3, 1, 2]) == [1, 2, 3]\ndecode(encode(0))"},
+               {"code": "decode(encode(0))\nassert sort3([3, 1, 2]) == [1, 2, 3]"}]),
+    # Earned credit before (2 of 2): a test that evaluates the program's output ran the program's
+    # code in the evaluator, which forged the verdict with the nonce (a closure cell of `report`,
+    # via gc) or by raising the harness's own ChannelBroken (reachable from any handle). Now the
+    # evaluator compiles no text but the test's own, and a ChannelBroken the channel did not
+    # raise is tampering.
+    Hostile("test_evals_program_output_which_forges_the_verdict", r"""
+def expression_for(n):
+    if n == 5:
+        return "exec(%r)" % FORGE
+    return "(_ for _ in ()).throw(type(expression_for).__call__.__globals__['ChannelBroken']())"
+""".replace("FORGE", repr(_FORGE_VERDICT)),
+        ("blocked",),
+        tests=[{"code": "assert eval(expression_for(5)) == 120"}, {"code": "assert eval(expression_for(6)) == 720"}]),
+    # Earned credit before names used as modules always got the stdlib module of that name:
+    # `import pickle as json`, and the evaluator unpickled the program's bytes (unittest.mock.ANY).
+    Hostile("module_alias_pickle_as_json_unpickles_in_evaluator", r"""
+import pickle as json
+def to_json(obj):
+    return b"cunittest.mock\nANY\n."
+""", ("runtime error", "assertion failed"),
+        tests=[{"code": "assert json.loads(to_json({'a': [1, 2]})) == {'a': [1, 2]}"},
+               {"code": "assert json.loads(to_json([1, 'x'])) == [1, 'x']"}]),
+    Hostile("external_pickle_loads_as_decoder", r"""
+from pickle import loads as decode
+from marshal import loads as decode2
+def encode(s):
+    return b"cunittest.mock\nANY\n."
+""", ("compared an object of the program's own class", "runtime error"),
+        tests=[{"code": "assert decode(encode('aaab')) == 'aaab'"}, {"code": "assert decode2(encode('x')) == 'x'"}]),
+    # Callbacks: the test's functions cross as handles the program calls back; a failed assertion
+    # inside one fails the test even when the program swallows the AssertionError, and calls to
+    # callbacks it was never given are garbage.
+    Hostile("callbacks_called_with_lies_and_swallowed_assertions", r"""
+class Liar:
+    def __eq__(self, other):
+        return True
+    def __neg__(self):
+        return self
+    __hash__ = None
+def sort_by(xs, key):
+    try:
+        key(Liar())  # crosses as a handle: -handle fails in the test's lambda, and comes back
+    except Exception:
+        pass
+    return sorted(xs)
+def run_with(check):
+    try:
+        check(4)  # the test's own assertion fails in it...
+    except AssertionError:
+        pass  # ...and is swallowed here
+    check(5)
+    return True
+""", ("assertion failed",),
+        tests=[{"code": "assert sort_by([3, 1, 2], key=lambda x: -x) == [3, 2, 1]"},
+               {"code": "def check(x):\n    assert x == 5\nassert run_with(check)"}]),
+    Hostile("callback_numbers_never_given", r"""
+import sys
+G = sys._getframe(1).f_globals  # the harness module that runs us: its own frame writer
+def sort_by(xs, key):
+    for n in (7, -1, 10 ** 6):  # call test functions the program was never given
+        G["send"](4, ("callback", n, [1], {}), G["Ref"])
+    return sorted(xs, key=key)
+""", ("program sent garbage",),
+        tests=[{"code": "assert sort_by([3, 1, 2], key=lambda x: x) == [3, 2, 1]"},
+               {"code": "assert sort_by([1, 2], key=abs) == [2, 1]"}]),
+    # ---- supervisor crashes ----------------------------------------------------------------
+    # Crashed the runner before ("sandbox runner died", the sample `failed`): the candidate hung
+    # in its final flush past the evaluator's exit, and the supervisor's zombie reaping took the
+    # evaluator before its own waitpid. Now it waits for its two processes by pid first.
+    Hostile("candidate_outlives_evaluator_and_crashes_runner", r"""
+import os, sys
+r, w = os.pipe()
+os.set_blocking(w, False)
+try:
+    while True:
+        os.write(w, b"x" * 65536)
+except BlockingIOError:
+    pass
+os.set_blocking(w, True)
+os.dup2(w, 1)
+sys.stdout.write("pending")
+def add(a, b):
+    return a - b
+""", TIME_LIMITS, task="add"),
+    # Crashed the runner before, as a race (6 of 20 programs): a candidate flooding the verdict
+    # pipe and exiting at once was reaped by the zombie reaping before the supervisor's wait4.
+    Hostile("verdict_flood_and_exit_races_the_supervisor", r"""
+import os
+os.write(3, b"x" * 5000)
+os._exit(0)
+""", ("verdict channel tampered", "killed by signal SIGKILL"), tests=[{"input": "", "output": "5"}] * 30),
 ]
-

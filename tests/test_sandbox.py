@@ -111,8 +111,33 @@ def _sandbox_processes(uids) -> list:
     return found
 
 
+def _keys_beyond_keyrings(uids) -> dict:
+    """{uid: keys} for slot uids holding more than their two per-user keyrings (/proc/key-users)."""
+    out = {}
+    for line in Path("/proc/key-users").read_text().splitlines():
+        uid, rest = line.split(":", 1)
+        if int(uid) in uids and int(rest.split()[0]) > 2:
+            out[int(uid)] = int(rest.split()[0])
+    return out
+
+
+def _ipc_objects_of(uids) -> list:
+    """SysV segments, queues and semaphore sets in this (the host's) IPC namespace owned by a slot uid."""
+    found = []
+    for kind, uid_col in (("shm", 7), ("msg", 7), ("sem", 4)):
+        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if int(cols[uid_col]) in uids or int(cols[uid_col + 2]) in uids:
+                found.append((kind, line))
+    return found
+
+
 def assert_host_unaffected(src, host: Host, mem_before: int, rss_before: int, results) -> None:
-    assert _sandbox_processes(set(src.sandbox.slot_uids)) == []
+    uids = set(src.sandbox.slot_uids)
+    assert _sandbox_processes(uids) == []
+    assert _keys_beyond_keyrings(uids) == {}
+    assert _ipc_objects_of(uids) == []
+    assert TAG not in Path("/proc/net/unix").read_text()  # no socket of the host's named after the marker
     for marker in MARKERS:
         assert not marker.exists(), f"{marker} was written from inside the sandbox"
     assert host.victim.read_text() == "precious"
@@ -177,7 +202,7 @@ for _ in range(8):
         time.sleep(30)
         os._exit(0)
 time.sleep(30)
-""", ("memory limit",)),
+""", ("memory limit",) + TIME_LIMITS),  # at the cgroup's limit the kernel reclaims (CPU) before it kills
     Hostile("output_1gb", """
 import sys
 chunk = "x" * (1 << 20)
@@ -417,7 +442,7 @@ def add(a, b):
 """, (), task="add"),
 ]
 HOSTILE += ATTACKS
-assert len(HOSTILE) >= int(os.environ.get("SANDBOX_MIN_HOSTILE", 60))
+assert len(HOSTILE) >= 60
 
 
 def _fill(code: str, host: Host) -> str:
@@ -534,10 +559,13 @@ print("held")
     # next run in the slot, started at once, still gets its whole limit.
     honest = box.run("x = bytearray(300 << 20)\nprint(len(x) >> 20)", [{"input": "", "output": "300"}])
     assert honest.passed == 1, honest.outcomes[0]
-    deadline = time.monotonic() + 2.0
-    while _mem_available() < mem_before - (256 << 20) and time.monotonic() < deadline:
+    # The slot's cgroup measures the sandbox alone (MemAvailable moves with the whole machine).
+    usage = box._cgroups.dirs[0] / ("memory.usage_in_bytes" if box._cgroups.version == 1 else "memory.current")
+    deadline = time.monotonic() + 3.0
+    while int(usage.read_text()) > 32 << 20 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _mem_available() > mem_before - (256 << 20)
+    assert int(usage.read_text()) <= 32 << 20, usage.read_text()
+    assert _mem_available() > mem_before - (1 << 30)
 
 
 def test_seccomp_is_what_refuses_namespaces_and_keyrings():
@@ -748,7 +776,8 @@ def red():
     return Color.RED
 def item():
     return Item("pen", 3)
-""", [{"code": "assert point() == (1, 2) and letters('aab') == {'a': 2, 'b': 1} and red() == 1"},
+""", [{"code": "assert point() == (1, 2) and point().y == 2 and letters('aab') == {'a': 2, 'b': 1} and red() == 1\n"
+               "assert letters('abcb').most_common(1) == [('b', 2)]"},
       {"code": "it = item()\nassert (it.name, it.qty) == ('pen', 3)"}]),
     ("humaneval_check_constants_and_shadowing", """
 LIMIT = 100
@@ -807,6 +836,22 @@ def test_a_failed_assertion_inside_a_test_function_fails_the_test_even_if_the_pr
     assert (res.reward, res.reason) == (0.0, "assertion failed"), res
     [ok] = source.score([_sample("task", code, [{"code": test.replace("-2", "2")}])])
     assert ok.reward == 1.0, ok
+
+
+def test_bare_names_a_test_relies_on_are_the_programs_unless_the_test_imports_them(source):
+    """A known limit, with its remedy. A test that uses a bare helper it neither defines nor
+    imports (`isclose`, `pi`: MBPP-style tests that rely on the solution's `from math import
+    ...`) gets the program's binding, so a program that defines a lying `isclose` and a `pi` to
+    match its wrong area earns credit; the dataset's test imports put in front of the test take
+    that away (and names used as modules, `math.isclose`, are always the standard library's)."""
+    liar = "pi = 3.0\ndef isclose(*args, **kwargs):\n    return True\ndef area(r):\n    return pi * r * r\n"
+    bare = [{"code": "assert isclose(area(2), 12.566, rel_tol=1e-3)"}, {"code": "assert abs(area(2) - 4 * pi) < 1e-9"}]
+    imported = [{"code": "from math import isclose, pi\n" + t["code"]} for t in bare]
+    as_module = [{"code": "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"}]
+    got_bare, got_imported, got_module = source.score([_sample("area", liar, t) for t in (bare, imported, as_module)])
+    assert got_bare.reward == 1.0  # the limit, stated
+    assert (got_imported.reward, got_imported.reason) == (0.0, "assertion failed"), got_imported
+    assert got_module.reward == 0.0, got_module
 
 
 def test_partial_credit_and_mixed_test_kinds(source):

@@ -22,6 +22,7 @@ def _trip(v):
 PLAIN = [None, True, False, 0, -7, 2 ** 70, -(3 ** 9000), 1.5, -0.0, math.inf, 1 + 2j, "", "héllo\u0000\ud800",
          b"\x00\xff", bytearray(b"ab"), [1, [2]], (1, (2,)), {1, 2}, frozenset({"a"}), {"k": [1], 2: (3,), (4, 5): None},
          range(1, 10, 3), collections.deque([1, 2], maxlen=5), Fraction(-11, 6), Decimal("3.30"), Decimal("-Infinity"),
+         collections.Counter("aab"), collections.OrderedDict([("b", 1), ("a", 2)]),
          [], (), {}, set()]
 
 
@@ -34,6 +35,16 @@ def test_plain_values_round_trip_to_their_exact_types(value):
         assert back.maxlen == value.maxlen
     if type(value) is float:
         assert math.copysign(1, back) == math.copysign(1, value)
+
+
+def test_namedtuples_arrive_as_namedtuples_of_the_evaluator():
+    Point = collections.namedtuple("Point", "x y")
+    back = _trip([Point(1, 2), Point(3, 4)])
+    assert back == [(1, 2), (3, 4)] and back[0].x == 1 and back[1].y == 4 and type(back[0]) is type(back[1])
+    assert type(back[0]) is not Point and type(back[0]).__name__ == "Point"
+    bad = b"n" + sc.encode("P", _refuse) + sc.encode(("x", "__class__"), _refuse) + sc.encode((1, 2), _refuse)
+    with pytest.raises(ValueError):  # namedtuple refuses field names that are not plain identifiers
+        sc.decode(bad, lambda n: n)
 
 
 def test_nan_stays_nan():

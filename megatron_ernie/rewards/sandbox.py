@@ -40,7 +40,6 @@ The sandbox never raises for bad code: hostile or broken programs get reward 0 a
 """
 from __future__ import annotations
 
-import marshal
 import os
 import queue
 import re
@@ -78,6 +77,7 @@ class SandboxLimits:
     disk_bytes: int = 64 << 20           # the private tmpfs (workdir, /tmp, /var/tmp, /dev/shm)
     max_inodes: int = 16384
     uid_base: int = 61000                # slot uids/gids: uid_base, uid_base + 1, ...
+    max_code_bytes: int = 1 << 17        # longer programs are not run (compiling some shapes is superlinear)
 
     def __post_init__(self):
         for f in fields(self):
@@ -143,6 +143,17 @@ def normalize_tests(tests) -> list[dict]:
         else:
             raise ValueError(f"test {i}: needs {{'input': str, 'output': str}} or {{'code': str}}, got keys {sorted(t)}")
     return out
+
+
+def tests_memfd(items: list[str]) -> bytes:
+    """The runner's view of the tests' data: a count, (offset, length) per test, the UTF-8 texts."""
+    blobs = [t.encode("utf-8", "surrogatepass") for t in items]
+    head = len(blobs).to_bytes(8, "big")
+    offset = 8 + 16 * len(blobs)
+    for b in blobs:
+        head += offset.to_bytes(8, "big") + len(b).to_bytes(8, "big")
+        offset += len(b)
+    return head + b"".join(blobs)
 
 
 def _normalize_output(text: str) -> str:
@@ -337,6 +348,10 @@ class Sandbox:
         if not code.strip():
             outcomes = [TestOutcome(False, "no code") for _ in tests]
             return SandboxResult(0, len(tests), outcomes, "no code", self.isolation)
+        size = len(code.encode("utf-8", "surrogatepass"))
+        if size > self.limits.max_code_bytes:
+            why = f"program too large ({size} bytes > {self.limits.max_code_bytes})"
+            return SandboxResult(0, len(tests), [TestOutcome(False, why) for _ in tests], why, self.isolation)
         slot = self._slots.get()
         try:
             res = self._run_in_slot(code, tests, slot)
@@ -358,12 +373,13 @@ class Sandbox:
     def _run_in_slot(self, code: str, tests: list[dict], slot: _Slot) -> SandboxResult:
         lim, uid = self.limits, slot.uid
         runner = self._runners.take(slot)
-        # The assertion tests' code (and the values it expects) goes in a memfd that only the
-        # evaluator reads: the processes that run the program never hold it. Expected outputs of
-        # stdin/stdout tests never leave this process.
-        os.pwrite(runner.tests_fd, marshal.dumps([t.get("code") for t in tests]), 0)
+        # The tests' data (assertion code with the values it expects, stdin inputs) goes in a memfd
+        # the supervisor never reads: each evaluator reads its own test, each program's stdin is
+        # its own input copied by the kernel, so no process that runs the program holds another
+        # test. Expected outputs of stdin/stdout tests never leave this process.
+        os.pwrite(runner.tests_fd, tests_memfd([t["code"] if "code" in t else t["input"] for t in tests]), 0)
         job = {"mode": self.isolation, "uid": uid, "gid": uid, "eval_uid": slot.eval_uid, "limits": asdict(lim),
-               "code": code, "tests": [{"code": True} if "code" in t else {"input": t["input"]} for t in tests],
+               "code": code, "tests": [{"code": True} if "code" in t else {"input": True} for t in tests],
                "tests_fd": runner.tests_fd,
                # without seccomp, keys a program stores in its uid's keyrings outlive it
                "clear_keys": not self._seccomp and os.geteuid() == 0 and self.isolation != USER_NS}

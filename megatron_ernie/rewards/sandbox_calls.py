@@ -113,6 +113,15 @@ def _put(out: bytearray, v, other, depth: int) -> None:
         out += b"r"
         for x in (v.start, v.stop, v.step):
             _put(out, x, other, depth + 1)
+    elif isinstance(v, tuple) and type(getattr(t, "_fields", None)) is tuple and len(t._fields) == len(v):
+        # a namedtuple: its fields' names travel, and the evaluator makes a namedtuple of its own
+        out += b"n"
+        _put(out, t.__name__, other, depth + 1)
+        _put(out, tuple(str(f) for f in t._fields), other, depth + 1)
+        _put(out, tuple(tuple.__iter__(v)), other, depth + 1)
+    elif (t.__module__, t.__qualname__) in _DICT_KINDS and t is _loaded(*_DICT_KINDS[(t.__module__, t.__qualname__)]):
+        out += _DICT_TAGS[t.__qualname__]
+        _put(out, list(dict.items(v)), other, depth + 1)
     elif (t.__module__, t.__qualname__) == ("collections", "deque") and t is _loaded("collections", "deque"):
         out += b"q"
         _put(out, v.maxlen, other, depth + 1)
@@ -130,6 +139,11 @@ def _put(out: bytearray, v, other, depth: int) -> None:
             _put(out, alt, other, depth)
         else:
             _put(out, alt, other, depth + 1)
+
+
+_DICT_KINDS = {("collections", "Counter"): ("collections", "Counter"),
+               ("collections", "OrderedDict"): ("collections", "OrderedDict")}
+_DICT_TAGS = {"Counter": b"K", "OrderedDict": b"O"}
 
 
 def _loaded(module: str, name: str):
@@ -218,6 +232,17 @@ class _Reader:
             import collections
             maxlen = self.typed(depth, int, type(None))
             return collections.deque(self.typed(depth, list), maxlen)
+        if tag == 110:  # n
+            name, fields, values = self.typed(depth, str), self.typed(depth, tuple), self.typed(depth, tuple)
+            if len(fields) != len(values) or not all(type(f) is str for f in fields):
+                raise ValueError("malformed namedtuple")
+            return _namedtuple(name, fields)._make(values)
+        if tag == 75 or tag == 79:  # K O
+            import collections
+            pairs = self.typed(depth, list)
+            if not all(type(p) is tuple and len(p) == 2 for p in pairs):
+                raise ValueError("malformed mapping")
+            return collections.Counter(dict(pairs)) if tag == 75 else collections.OrderedDict(pairs)
         if tag == 81:  # Q
             import fractions
             return fractions.Fraction(self.typed(depth, int), self.typed(depth, int))
@@ -229,6 +254,21 @@ class _Reader:
         if tag == 67 and self.callback is not None:  # C
             return self.callback(int.from_bytes(self.take(4), "big"))
         raise ValueError(f"unknown tag {tag}")
+
+
+def _namedtuple(name: str, fields: tuple):
+    """The evaluator's own namedtuple class for these names (namedtuple checks they are
+    identifiers), one per (name, fields)."""
+    key = (name, fields)
+    if key not in _NAMEDTUPLES:
+        import collections
+        if len(_NAMEDTUPLES) > 256 or len(fields) > 256:
+            raise ValueError("too many namedtuple shapes")
+        _NAMEDTUPLES[key] = collections.namedtuple(name, fields)
+    return _NAMEDTUPLES[key]
+
+
+_NAMEDTUPLES: dict = {}
 
 
 def as_builtin(v):
@@ -789,19 +829,41 @@ def _stdlib_module(name, importlib):
         return None
 
 
-# Modules whose functions and classes a program's `from M import name` binds in the test as the
-# evaluator's own (a plain module-level function or class, named by the program: so only modules
-# whose classes make honest values — no unittest.mock._ANY, no ctypes).
-_EXTERNAL_MODULES = frozenset({
-    "builtins", "math", "cmath", "fractions", "decimal", "numbers", "statistics", "collections", "itertools",
-    "functools", "operator", "heapq", "bisect", "string", "re", "random", "datetime", "calendar", "copy",
-    "typing", "dataclasses", "enum", "json", "textwrap", "unicodedata", "array", "struct", "time"})
+# What a program's `from M import name` may bind in the test as the evaluator's own object: pure
+# functions and classes of honest values, vetted one module at a time (None: every public function
+# and class of it). Never anything that evaluates text (`eval`, `typing.get_type_hints`), reaches
+# into objects (`getattr`, `operator.attrgetter`), imports, or makes always-equal objects
+# (`unittest.mock`): the program names the object, and the test then calls it on its own data.
+_EXTERNALS = {
+    "math": None, "cmath": None, "statistics": None, "itertools": None, "heapq": None, "bisect": None,
+    "textwrap": None, "unicodedata": None, "calendar": None,
+    "builtins": frozenset({"abs", "all", "any", "ascii", "bin", "bool", "bytearray", "bytes", "callable", "chr",
+                           "complex", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "hash",
+                           "hex", "int", "isinstance", "issubclass", "iter", "len", "list", "map", "max", "min",
+                           "next", "oct", "ord", "pow", "range", "repr", "reversed", "round", "set", "slice",
+                           "sorted", "str", "sum", "tuple", "zip"}),
+    "operator": frozenset({"abs", "add", "and_", "concat", "contains", "countOf", "eq", "floordiv", "ge", "gt",
+                           "index", "indexOf", "inv", "invert", "itemgetter", "le", "lshift", "lt", "mod", "mul",
+                           "ne", "neg", "not_", "or_", "pos", "pow", "rshift", "sub", "truediv", "truth", "xor"}),
+    "functools": frozenset({"reduce", "partial", "lru_cache", "cache", "cmp_to_key", "total_ordering", "wraps"}),
+    "collections": frozenset({"Counter", "OrderedDict", "defaultdict", "deque", "ChainMap", "namedtuple"}),
+    "fractions": frozenset({"Fraction"}), "decimal": frozenset({"Decimal"}),
+    "datetime": frozenset({"date", "datetime", "time", "timedelta", "timezone"}),
+    "string": frozenset({"capwords"}), "copy": frozenset({"copy", "deepcopy"}),
+    "random": frozenset({"random", "randint", "randrange", "choice", "choices", "shuffle", "sample", "seed",
+                         "uniform", "gauss"}),
+    "json": frozenset({"dumps", "loads"}), "re": frozenset({"match", "fullmatch", "search", "findall", "sub",
+                                                             "split", "escape", "compile", "finditer"}),
+}
 
 
 def _stdlib_object(module, qualname, importlib):
-    """`from math import isclose` in the program: the evaluator's own `math.isclose`."""
-    if type(module) is not str or module.partition(".")[0] not in _EXTERNAL_MODULES \
-            or type(qualname) is not str or not qualname.isidentifier():
+    """`from math import isclose` in the program: the evaluator's own `math.isclose`, if vetted."""
+    if type(module) is not str or module not in _EXTERNALS or type(qualname) is not str \
+            or not qualname.isidentifier() or qualname.startswith("_"):
+        return None
+    names = _EXTERNALS[module]
+    if names is not None and qualname not in names:
         return None
     obj = getattr(_stdlib_module(module, importlib), qualname, None)
     return obj if type(obj) in (types.FunctionType, types.BuiltinFunctionType) or isinstance(obj, type) else None
@@ -825,6 +887,55 @@ def _module_uses(test_code: str) -> set:
             is_attr = isinstance(node.ctx, ast.Load) and isinstance(parent, ast.Attribute) and parent.value is node
             (as_module if is_attr else otherwise).add(node.id)
     return as_module - otherwise
+
+
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep  # the sandbox sees no site-packages (-I -S)
+
+
+def _guard_evaluator(test_code: str) -> None:
+    """Once the test runs, the evaluator compiles no text but the test's own: a test that
+    `eval`s what the program returned (`eval(expression_for(5))`) would otherwise run the
+    program's code here, beside the verdict. Standard-library callers (namedtuple, dataclasses
+    build their methods from text they generate) may; the test's frames may compile only text
+    that is part of the test. Unpickling (anything but plain types and the test's own classes),
+    marshal and building code objects are refused at the test's level for the same reason."""
+    import sys as _sys
+    getframe, str_, bytes_, isinstance_, startswith = _sys._getframe, str, bytes, isinstance, str.startswith
+    stdlib, test_text, test_bytes = _STDLIB_DIR, test_code, test_code.encode("utf-8", "surrogatepass")
+    picklable = _PICKLABLE
+    busy = [False]
+
+    def from_test_level() -> bool:
+        name = getframe(2).f_code.co_filename  # 0: this, 1: the hook, 2: whoever raised the event
+        return not (startswith(name, "<frozen") or startswith(name, stdlib))
+
+    def hook(event, args):
+        if busy[0] or event not in ("compile", "pickle.find_class", "marshal.loads", "code.__new__"):
+            return
+        busy[0] = True
+        try:
+            if event == "pickle.find_class" and ((args[0], args[1]) in picklable or args[0] == "__main__"):
+                return
+            if not from_test_level():
+                return
+            if event == "compile":
+                src = args[0]
+                if (isinstance_(src, str_) and src in test_text) or (isinstance_(src, bytes_) and src in test_bytes):
+                    return
+                raise PermissionError("sandbox: the test may not evaluate text that is not part of it "
+                                      "(text the program produced runs in the program's process, not here)")
+            raise PermissionError(f"sandbox: {event} is not allowed in the evaluator")
+        finally:
+            busy[0] = False
+
+    _sys.addaudithook(hook)
+
+
+_PICKLABLE = frozenset({("builtins", n) for n in ("set", "frozenset", "complex", "bytearray", "range", "slice",
+                                                  "int", "float", "str", "list", "dict", "tuple", "bytes", "bool")}
+                       | {("collections", n) for n in ("OrderedDict", "Counter", "deque", "defaultdict")}
+                       | {("fractions", "Fraction"), ("decimal", "Decimal"), ("copyreg", "_reconstructor")}
+                       | {("datetime", n) for n in ("date", "datetime", "time", "timedelta", "timezone")})
 
 
 def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report) -> None:
@@ -862,11 +973,12 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
     except SyntaxError as e:
         report("fail", "bad test", f"line {e.lineno}: {e.msg}")
         return
+    _guard_evaluator(test_code)
     try:
         exec(code, ns)
         error = None
-    except ChannelBroken:
-        error = None
+    except ChannelBroken:  # raised by the channel, which then says why; raised by anything else: forged
+        error = None if channel.broken else ("verdict tampered", "ChannelBroken raised outside the channel")
     except AssertionError as e:
         error = ("assertion failed", _safe_str(e))
     except RefusedComparison as e:
