@@ -149,25 +149,24 @@ def test_program_objects_refuse_comparisons():
 
 
 def test_catalog_binds_the_evaluators_own_stdlib_objects():
-    import importlib
-    assert sc._stdlib_object("math", "isclose", importlib) is math.isclose
-    assert sc._stdlib_object("operator", "add", importlib) is __import__("operator").add
-    assert sc._stdlib_object("collections", "OrderedDict", importlib) is collections.OrderedDict
-    assert sc._stdlib_object("fractions", "Fraction", importlib) is Fraction
+    assert sc._stdlib_object("math", "isclose") is math.isclose
+    assert sc._stdlib_object("operator", "add") is __import__("operator").add
+    assert sc._stdlib_object("collections", "OrderedDict") is collections.OrderedDict
+    assert sc._stdlib_object("fractions", "Fraction") is Fraction
     # only top-level functions and classes of modules whose classes make honest values: never
     # unittest.mock._ANY (always equal), ctypes (raw memory), a dotted path or a constant
     for module, qualname in (("collections", "OrderedDict.fromkeys"), ("unittest.mock", "_ANY"),
                              ("unittest.mock", "create_autospec"), ("ctypes", "string_at"), ("solution", "f"),
                              ("math", "<lambda>"), ("math", "pi"), ("os", "system")):
-        assert sc._stdlib_object(module, qualname, importlib) is None, (module, qualname)
-    assert sc._stdlib_module("antigravity", importlib) is None              # no side-effect imports
-    assert sc._stdlib_module("unittest.mock", importlib) is None
-    assert sc._stdlib_module("numpy", importlib) is None                    # not the standard library
+        assert sc._stdlib_object(module, qualname) is None, (module, qualname)
+    assert sc._stdlib_module("antigravity") is None              # no side-effect imports
+    assert sc._stdlib_module("unittest.mock") is None
+    assert sc._stdlib_module("numpy") is None                    # not the standard library
 
 
 def test_names_a_test_uses_only_as_modules():
     code = "import re\nassert math.isclose(f(1), 2)\nx = statistics([1])\nassert heapq.nsmallest(1, q.items) == [1]\nre.match('a', 'a')"
-    assert sc._module_uses(code) == {"math", "heapq", "q"}
+    assert sc._module_uses(compile(code, "<test>", "exec", 0x400)) == {"math", "heapq", "q"}
 
 
 def test_stop_iteration_from_the_program_is_not_rebuilt_as_itself():

@@ -792,7 +792,6 @@ class _Iterator:
 
 def _bind(catalog, channel: _Channel) -> dict:
     """{name: value} for the test from the candidate's catalog (untrusted: checked entry by entry)."""
-    import importlib
     out = {}
     if type(catalog) is not list:
         channel.fail("program sent garbage: malformed catalog")
@@ -803,11 +802,11 @@ def _bind(catalog, channel: _Channel) -> dict:
         if name.startswith("__") and name.endswith("__"):
             continue  # `__builtins__`, `__import__`...: the test's namespace machinery stays ours
         if kind == "module" and len(entry) == 3:
-            module = _stdlib_module(entry[2], importlib)
+            module = _stdlib_module(entry[2])
             if module is not None:
                 out[name] = module
         elif kind == "external" and len(entry) == 5 and type(entry[4]) is ProgramObject:
-            real = _stdlib_object(entry[2], entry[3], importlib)
+            real = _stdlib_object(entry[2], entry[3])
             out[name] = real if real is not None else entry[4]
         elif kind == "object" and len(entry) == 3 and type(entry[2]) is ProgramObject:
             out[name] = entry[2]
@@ -818,13 +817,14 @@ def _bind(catalog, channel: _Channel) -> dict:
     return out
 
 
-def _stdlib_module(name, importlib):
+def _stdlib_module(name):
     """The evaluator's own copy of a standard-library module the program imported."""
     if type(name) is not str or name.partition(".")[0] not in sys.stdlib_module_names \
-            or name.partition(".")[0] in _UNIMPORTABLE:
+            or name.partition(".")[0] in _UNIMPORTABLE or not all(p.isidentifier() for p in name.split(".")):
         return None
     try:
-        return importlib.import_module(name)
+        __import__(name)
+        return sys.modules[name]
     except BaseException:  # noqa: BLE001
         return None
 
@@ -857,7 +857,7 @@ _EXTERNALS = {
 }
 
 
-def _stdlib_object(module, qualname, importlib):
+def _stdlib_object(module, qualname):
     """`from math import isclose` in the program: the evaluator's own `math.isclose`, if vetted."""
     if type(module) is not str or module not in _EXTERNALS or type(qualname) is not str \
             or not qualname.isidentifier() or qualname.startswith("_"):
@@ -865,28 +865,33 @@ def _stdlib_object(module, qualname, importlib):
     names = _EXTERNALS[module]
     if names is not None and qualname not in names:
         return None
-    obj = getattr(_stdlib_module(module, importlib), qualname, None)
+    obj = getattr(_stdlib_module(module), qualname, None)
     return obj if type(obj) in (types.FunctionType, types.BuiltinFunctionType) or isinstance(obj, type) else None
 
 
-def _module_uses(test_code: str) -> set:
+def _module_uses(tree) -> set:
     """Names the test only ever uses as `name.attribute` and never binds itself: the modules it
-    expects the program to have imported (MBPP-style tests call `math.isclose` without an import)."""
-    import ast
-    try:
-        tree = ast.parse(test_code)
-    except SyntaxError:
-        return set()
-    parents = {id(c): node for node in ast.walk(tree) for c in ast.iter_child_nodes(node)}
-    as_module, otherwise = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            otherwise.update((a.asname or a.name).partition(".")[0] for a in node.names)
-        elif isinstance(node, ast.Name):
-            parent = parents.get(id(node))
-            is_attr = isinstance(node.ctx, ast.Load) and isinstance(parent, ast.Attribute) and parent.value is node
-            (as_module if is_attr else otherwise).add(node.id)
-    return as_module - otherwise
+    expects the program to have imported (MBPP-style tests call `math.isclose` without an
+    import). `tree` is the test's AST (the builtin `_ast`: the `ast` module's import would cost
+    every evaluator milliseconds)."""
+    import _ast
+    bases, names, bound, stack = set(), [], set(), [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _ast.Attribute) and isinstance(node.value, _ast.Name) and isinstance(node.ctx, _ast.Load):
+            bases.add(id(node.value))
+        elif isinstance(node, _ast.Name):
+            names.append(node)
+        elif isinstance(node, (_ast.Import, _ast.ImportFrom)):
+            bound.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        for field in node._fields:
+            child = getattr(node, field, None)
+            if isinstance(child, list):
+                stack.extend(c for c in child if isinstance(c, _ast.AST))
+            elif isinstance(child, _ast.AST):
+                stack.append(child)
+    as_module = {n.id for n in names if id(n) in bases}
+    return as_module - bound - {n.id for n in names if id(n) not in bases}
 
 
 _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep  # the sandbox sees no site-packages (-I -S)
@@ -940,7 +945,6 @@ _PICKLABLE = frozenset({("builtins", n) for n in ("set", "frozenset", "complex",
 
 def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report) -> None:
     """Run one assertion test against the candidate; `report(status, kind, detail)` once."""
-    import importlib
     channel = _Channel(requests, replies, max_bytes)
     _CALLS[:] = [_Calls(channel)]
     try:
@@ -954,6 +958,12 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
     except ChannelBroken:
         report("fail", channel.broken, "")
         return
+    try:
+        tree = compile(test_code, "<test>", "exec", 0x400, dont_inherit=True)  # ast.PyCF_ONLY_AST
+        code = compile(tree, "<test>", "exec", dont_inherit=True)
+    except SyntaxError as e:
+        report("fail", "bad test", f"line {e.lineno}: {e.msg}")
+        return
     solution = types.ModuleType("solution")
     solution.__dict__.update(names)
     # `from solution import *` brings what a plain `import` would, minus the builtins it shadows
@@ -963,16 +973,11 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
     # A name the test uses only as a module and that names a standard-library module gets that
     # module, whatever the program bound to it (a `class math` with a lying isclose, `import
     # cmath as math`).
-    for name in _module_uses(test_code) & set(ns):
-        module = _stdlib_module(name, importlib)
+    for name in _module_uses(tree) & set(ns):
+        module = _stdlib_module(name)
         if module is not None:
             ns[name] = module
     ns.update({"__name__": "__main__", "__builtins__": builtins})
-    try:
-        code = compile(test_code, "<test>", "exec", dont_inherit=True)
-    except SyntaxError as e:
-        report("fail", "bad test", f"line {e.lineno}: {e.msg}")
-        return
     _guard_evaluator(test_code)
     try:
         exec(code, ns)
