@@ -27,7 +27,7 @@ from megatron_ernie.rewards.sandbox import (AUDIT, ROOT_NS, USER_NS, CodeSandbox
                                             extract_code, select_isolation)
 from megatron_ernie.rewards.types import RewardSample
 
-from tests.sandbox_attacks import ATTACKS, TIME_LIMITS, Hostile
+from tests.sandbox_cases import ATTACKS, HONEST_SHAPES, TIME_LIMITS, Hostile
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = f"sbxmark{uuid.uuid4().hex[:10]}"  # in every path/process a hostile program tries to leave
@@ -822,6 +822,8 @@ def echo(x):
       {"code": "v = {'k': [1, (2.5, None), {3, 4}, frozenset({5}), b'x', bytearray(b'y'), 1 + 2j, range(3)]}\n"
                "assert echo(v) == v\nassert all(echo(i) == i for i in range(2000))"}]),
 ]
+HONEST += HONEST_SHAPES
+
 
 @pytest.mark.parametrize("name,code,tests", HONEST, ids=[h[0] for h in HONEST])
 def test_honest_program_gets_full_reward(name, code, tests, source):

@@ -1,5 +1,6 @@
 """Rule verifiers: maths answer extraction and equivalence (with the sympy worker's time limit),
 multiple choice, exact match, regex, and batch scoring through the registry."""
+import re
 import time
 
 import pytest
@@ -147,10 +148,29 @@ def test_strip_think():
     assert mv.strip_think("no think block 5") == "no think block 5"
 
 
-def test_latex_to_sympy_whitelists_names():
-    assert mv.latex_to_sympy(r"2\sqrt{2}x") is not None
-    for hostile in ("__import__('os').system('true')", "x.__class__", "x.n(10**9)", "open(1)", r"\input{x}", "lambda: 1"):
-        assert mv.latex_to_sympy(hostile) is None, hostile
+def test_model_text_never_reaches_eval(tmp_path, monkeypatch):
+    """The library's LaTeX path builds sympy objects from a parse tree; the only `eval` under it is
+    sympy's own `Integer('12')` for a number token (and sympy's lazy imports). Run the worker's
+    comparison in this process with sympy's eval recorded, on hostile and ordinary answers."""
+    import sympy.parsing.sympy_parser as sp
+
+    mv._lib_load()
+    evaluated = []
+    real_eval = sp.eval_expr
+    monkeypatch.setattr(sp, "eval_expr", lambda code, ld, gd: (evaluated.append(code), real_eval(code, ld, gd))[1])
+    marker = tmp_path / "pwned"
+    hostile = [f"__import__('os').system('touch {marker}')", "x.__class__.__mro__", "x.n(10**9)", "open(1)",
+               r"\input{/etc/passwd}", "lambda: 1", r"\text{__import__('os')}", r"\operatorname{eval}(1)",
+               "(1).__class__", "1,000", r"\frac{1}{2}", "2.5e3", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", "12:00"]
+    for text in hostile:
+        try:
+            mv._lib_equal(mv.normalize_answer(text), "1", {}, {}, {"tol": 1e-4, "abs_tol": 1e-9})
+        except Exception:  # noqa: BLE001 - unparsable is fine; what matters is what got evaluated
+            pass
+        assert not mv.is_equivalent(text, "1", timeout_s=2.0).equal
+    assert not marker.exists()
+    benign = re.compile(r"^(?:(?:Integer|Float|Rational)\s*\(\s*'?[\d.eE+-]+'?\s*\)|Symbol\s*\('[A-Za-z_]+'\s*\)|[A-Z]\s*)$")
+    assert all(benign.match(code) for code in evaluated), [c for c in evaluated if not benign.match(c)]
 
 
 def test_sympy_bomb_times_out_and_worker_recovers():

@@ -1,4 +1,5 @@
-"""Hostile programs against the sandbox's verdicts, limits and host (data for tests/test_sandbox.py).
+"""Programs for tests/test_sandbox.py: hostile ones against the sandbox's verdicts, limits and host
+(`ATTACKS`), and honest ones in shapes real tasks and tests take (`HONEST_SHAPES`).
 
 Each is presented as the solution to a small task and must earn no credit, with a reason, and
 leave the host as it was (test_sandbox.py checks processes, files, memory, the listener, the
@@ -1065,3 +1066,8 @@ os.write(3, b"x" * 5000)
 os._exit(0)
 """, ("verdict channel tampered", "killed by signal SIGKILL"), tests=[{"input": "", "output": "5"}] * 30),
 ]
+
+
+# Honest programs and their tests, (name, code, tests): each must get full credit. Shapes that a
+# plain-data boundary could get wrong: objects, generators, in-place changes, exceptions, ...
+HONEST_SHAPES: list[tuple[str, str, list]] = []
