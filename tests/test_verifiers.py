@@ -154,7 +154,8 @@ def test_model_text_never_reaches_eval(tmp_path, monkeypatch):
     comparison in this process with sympy's eval recorded, on hostile and ordinary answers."""
     import sympy.parsing.sympy_parser as sp
 
-    mv._lib_load()
+    from megatron_ernie.rewards import maths_worker
+    maths_worker._lib_load()
     evaluated = []
     real_eval = sp.eval_expr
     monkeypatch.setattr(sp, "eval_expr", lambda code, ld, gd: (evaluated.append(code), real_eval(code, ld, gd))[1])
@@ -164,7 +165,7 @@ def test_model_text_never_reaches_eval(tmp_path, monkeypatch):
                "(1).__class__", "1,000", r"\frac{1}{2}", "2.5e3", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", "12:00"]
     for text in hostile:
         try:
-            mv._lib_equal(mv.normalize_answer(text), "1", {}, {}, {"tol": 1e-4, "abs_tol": 1e-9})
+            maths_worker._lib_equal(mv.normalize_answer(text), "1", {}, {}, {"tol": 1e-4, "abs_tol": 1e-9})
         except Exception:  # noqa: BLE001 - unparsable is fine; what matters is what got evaluated
             pass
         assert not mv.is_equivalent(text, "1", timeout_s=2.0).equal
