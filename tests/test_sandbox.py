@@ -882,6 +882,14 @@ def test_wrong_answer_syntax_error_no_code_no_tests(source):
     assert bad.failed and bad.reason.startswith("bad tests: test 0") and bad.reward == 0.0
 
 
+def test_programs_over_the_size_cap_are_not_run():
+    box = Sandbox(dataclasses.replace(LIMITS, max_code_bytes=1000), concurrency=1)
+    big = "x = 1\n" * 200 + "print(5)\n"
+    res = box.run(big, SUM_TESTS)
+    assert (res.passed, res.reason) == (0, "program too large (1209 bytes > 1000)") and len(res.outcomes) == 2
+    assert box.run("print(5)", [{"input": "", "output": "5"}]).passed == 1
+
+
 def test_extract_code_takes_last_python_block():
     assert extract_code("a\n```python\nx = 1\n```\nb\n```py\nx = 2\n```\n```bash\nls\n```") == "x = 2\n"
     assert extract_code("```\nplain = 1\n```") == "plain = 1\n"
