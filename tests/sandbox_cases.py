@@ -106,6 +106,7 @@ def _get(data, pos):
         return HANDLES[int.from_bytes(data[pos:pos + 4], "big")], pos + 4
     raise ValueError(tag)
 def _serve():
+    _get(_read(int.from_bytes(_read(4), "big")), 0)  # the evaluator's ("names", ...)
     _send(("ready", CATALOG))
     while True:
         msg = _get(_read(int.from_bytes(_read(4), "big")), 0)[0]
@@ -114,7 +115,7 @@ def _serve():
         obj = HANDLES[msg[1]]
         try:
             if msg[0] == "call":
-                _send(("ok", obj(*msg[2], **msg[3]), [msg[2][i] for i in msg[4]], [msg[3][k] for k in msg[5]]))
+                _send(("ok", obj(*msg[2], **msg[3]), [msg[2][i] for i in msg[4]], [msg[3][k] for k in msg[5]], ""))
             elif msg[0] == "getitem":
                 _send(("ok", obj[msg[2]]))
             elif msg[0] == "getattr":
@@ -333,7 +334,8 @@ def area(r):
     return Num()
 def index_of(x):
     return Num()
-""", ("runtime error: TypeError", "compared an object of the program's own class"),
+""", ("runtime error: TypeError", "compared an object of the program's own class",
+      "operation on an object of the program's own class"),
         tests=[{"code": "import math\nassert math.isclose(area(2), 12.566, rel_tol=1e-3)"},
                {"code": "assert [0, 1, 2, 3, 4, 5][index_of(5)] == 5"},
                {"code": "assert float(area(2)) == 12.566 or int(index_of(5)) == 5"}]),
@@ -1026,15 +1028,15 @@ def run_with(check):
         pass  # ...and is swallowed here
     check(5)
     return True
-""", ("assertion failed",),
+""", ("assertion failed", "operation on an object of the program's own class"),
         tests=[{"code": "assert sort_by([3, 1, 2], key=lambda x: -x) == [3, 2, 1]"},
                {"code": "def check(x):\n    assert x == 5\nassert run_with(check)"}]),
     Hostile("callback_numbers_never_given", r"""
 import sys
-G = sys._getframe(1).f_globals  # the harness module that runs us: its own frame writer
+G = sys._getframe(1).f_globals  # the harness module that runs us: its codec, its frame writer
 def sort_by(xs, key):
-    for n in (7, -1, 10 ** 6):  # call test functions the program was never given
-        G["send"](4, ("callback", n, [1], {}), G["Ref"])
+    for n in (7, -1, 10 ** 6):  # use test objects the program was never given
+        G["codec"].send(4, ("test", "call", n, [1], {}), G["codec"].Ref)
     return sorted(xs, key=key)
 """, ("program sent garbage",),
         tests=[{"code": "assert sort_by([3, 1, 2], key=lambda x: x) == [3, 2, 1]"},
@@ -1068,6 +1070,771 @@ os._exit(0)
 ]
 
 
+# ---- Round 2 (red team): the evaluator's compile guard, the vetted externals, the codec's
+# special tags, the harness's own exceptions, the supervisor's compile. HOLE_ entries earned credit
+# or marked the sample failed when written (see each comment); the others held.
+ATTACKS += [
+    # EARNS CREDIT (2 of 2). A test that unpickles the program's bytes (a serialize-with-pickle
+    # task) runs `pickle.loads` at the test's level, and the guard lets find_class through for
+    # module "__main__": in the evaluator that is the runner's `-c` module, and with protocol 4 a
+    # dotted name walks its globals (`__builtins__.getattr`, `__builtins__.__import__`). The pickle
+    # imports runpy and calls `runpy._run_code(FORGE, {})`: the exec happens in a frame of
+    # "<frozen runpy>", which the guard counts as the standard library's, so FORGE runs beside the
+    # verdict (gc -> `report`'s nonce -> a pass line on fd 3 -> _exit).
+    Hostile("test_unpickles_program_bytes_through_main_module_globals", r'''
+def _u(s):
+    b = s.encode()
+    return (b"\x8c" + bytes([len(b)]) + b) if len(b) < 256 else (b"X" + len(b).to_bytes(4, "little") + b)
+def _g(path):  # STACK_GLOBAL __main__.<dotted path>
+    return _u("__main__") + _u(path) + b"\x93"
+PAYLOAD = (b"\x80\x04" + _g("__builtins__.getattr") + _g("__builtins__.__import__") + _u("runpy") + b"\x85R"
+           + _u("_run_code") + b"\x86R" + _u(FORGE) + b"}\x86R.")
+def serialize(obj):
+    return PAYLOAD
+'''.replace("FORGE", repr(_FORGE_VERDICT)), ("blocked", "runtime error"),
+        tests=[{"code": "import pickle\nassert pickle.loads(serialize([1, 2, 3])) == [1, 2, 3]"},
+               {"code": "import pickle\nassert pickle.loads(serialize({'a': (1, 2)})) == {'a': (1, 2)}"}]),
+    # EARNS CREDIT (2 of 3). A test that checks the program's type hints (an "add annotations"
+    # task) hands the program's `__annotations__` strings to typing / inspect, which compile and
+    # eval them from a standard-library frame: the guard lets it through, and the expression calls
+    # `report("pass")` (found through gc) and exits. `__globals__ = {}` gives the eval the
+    # evaluator's real builtins.
+    Hostile("test_reads_type_hints_of_program_function_evaluating_its_text", r'''
+class _Add:
+    __annotations__ = {"a": EXPR, "b": "int", "return": "int"}
+    __globals__ = {}
+    def __call__(self, a, b):
+        return a - b
+add = _Add()
+'''.replace("EXPR", repr('next(r for r in __import__("gc").get_objects() if type(r).__name__ == "function"'
+                         ' and r.__name__ == "report" and r.__closure__)("pass") or __import__("os")._exit(0)')),
+        ("blocked", "compared an object of the program's own class", "assertion failed"),
+        tests=[{"code": "import typing\nassert typing.get_type_hints(add) == {'a': int, 'b': int, 'return': int}"},
+               {"code": "import inspect\nassert inspect.get_annotations(add, eval_str=True) == {'a': int, 'b': int, 'return': int}"},
+               {"code": "assert add(2, 3) == 5"}]),
+    # MARKS THE SAMPLE FAILED. The supervisor compiles the program once to report a syntax error
+    # for every test (`_run_tests`), with no limit of its own: a 20 KB program whose one match
+    # pattern captures 3000 names takes ~400 MB to compile (quadratic in the names), the slot's
+    # memory cgroup kills the supervisor, and the sample ends "sandbox runner died" (failed=True)
+    # instead of scoring 0. 8000 names: 2.5 GB and 5 s of CPU.
+    Hostile("match_pattern_compile_exhausts_the_supervisor",
+            "def add(a, b):\n    return a - b\ndef _never(x):\n    match x:\n        case ["
+            + ", ".join("a%d" % i for i in range(3000)) + "]:\n            pass\n",
+            ("memory limit",) + TIME_LIMITS, task="add"),
+    # EARNS CREDIT (3 of 3), with nothing hostile in the program: the harness's own TypeErrors
+    # (RefusedComparison for `<` on a program object, ProgramObject having no `__add__`, NotPlain
+    # for an argument that cannot cross) are what a test of "raises TypeError on bad operands /
+    # bad input" expects, so a program that never raises passes it.
+    Hostile("harness_type_errors_satisfy_tests_expecting_type_error", r'''
+class Version:
+    def __init__(self, s):
+        self.parts = tuple(int(p) for p in s.split("."))
+    def __lt__(self, other):
+        return self.parts < other.parts if isinstance(other, Version) else True
+    def __add__(self, other):
+        return self
+def total(xs):
+    return 0
+''', ("assertion failed", "compared an object of the program's own class", "cannot pass"),
+        tests=[{"code": "try:\n    Version('1.2') < 3\nexcept TypeError:\n    pass\nelse:\n    raise AssertionError('no TypeError')"},
+               {"code": "try:\n    Version('1.2') + 'x'\nexcept TypeError:\n    pass\nelse:\n    raise AssertionError('no TypeError')"},
+               {"code": "try:\n    total(object())\nexcept TypeError:\n    pass\nelse:\n    raise AssertionError('no TypeError')"}]),
+    # A module object the program makes up names any stdlib module, and the evaluator imports it
+    # before the test runs: `venv.__main__` runs `venv.main()` on the evaluator's argv (the
+    # rewards directory). In the namespace modes that directory is not there and the import just
+    # fails; in audit-hook mode as a non-root user (evaluator = the repository's owner) it created a
+    # virtual environment inside megatron_ernie/rewards/ (bin, lib, lib64, include, pyvenv.cfg).
+    Hostile("fake_module_object_runs_venv_main_in_the_evaluator", r'''
+import types
+_venv = types.ModuleType("venv.__main__")
+_tool = types.ModuleType("lib2to3.__main__")  # refactors the files under argv[1], prints diffs
+def add(a, b):
+    return a - b
+''', ("assertion failed",) + TIME_LIMITS, task="add"),
+    # `lib2to3.tests.__main__` has no main guard either: the evaluator runs the lib2to3 test
+    # suite before the test (wall time; nothing gained).
+    Hostile("fake_module_object_runs_a_stdlib_test_suite_in_the_evaluator", r'''
+import types
+_suite = types.ModuleType("lib2to3.tests.__main__")
+def add(a, b):
+    return a - b
+''', ("assertion failed", "timeout", "no verdict"), task="add"),
+    # Two fields that differ as strings but not after NFKC ('a' and fullwidth 'ａ') pass
+    # namedtuple's checks and then fail its generated code with a SyntaxError, which the decoder
+    # lets out (not "program sent garbage"): in the catalog it kills the evaluator (no verdict),
+    # in a reply it reaches the test as a SyntaxError.
+    Hostile("namedtuple_fields_equal_after_nfkc_escape_the_decoder", r'''
+import collections
+P = collections.namedtuple("P", ["a", "\uff41"])
+ORIGIN = P(0, 0)
+def add(a, b):
+    return P(a, b)
+''', ("no verdict", "program sent garbage", "syntax error"), task="add"),
+    # The same value as a reply only: the SyntaxError reaches the test, which swallows it.
+    Hostile("namedtuple_syntax_error_reply_swallowed_by_the_test", r'''
+import collections
+def parse(s):
+    return collections.namedtuple("P", ["a", "\uff41"])(1, 2)
+''', ("assertion failed", "program sent garbage", "syntax error"),
+        tests=[{"code": "try:\n    r = parse('x')\nexcept Exception:\n    r = None\nassert r == (1, 2)"}]),
+    # After the __main__ fix: a pickle naming only what the guard never allows.
+    Hostile("pickle_globals_outside_the_allowed_classes", r'''
+def _u(s):
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b
+def serialize(obj):
+    n = len(str(obj))
+    if n % 3 == 0:
+        return b"\x80\x04" + _u("builtins") + _u("eval") + b"\x93" + _u("[1, 2, 3]") + b"\x85R."
+    if n % 3 == 1:
+        return b"\x80\x04" + _u("runpy") + _u("_run_code") + b"\x93" + _u("x = 1") + b"}\x86R."
+    return b"\x80\x04" + _u("copyreg") + _u("_reconstructor") + b"\x93" + _u("builtins") + _u("getattr") + b"\x93" \
+        + _u("builtins") + _u("object") + b"\x93N\x87R."
+''', ("blocked",),
+        tests=[{"code": "import pickle\nassert pickle.loads(serialize([1, 2, 3])) == [1, 2, 3]"},
+               {"code": "import pickle\nassert pickle.loads(serialize([1, 2, 33])) == [1, 2, 33]"},
+               {"code": "import pickle\nassert pickle.loads(serialize([1, 2, 334])) == [1, 2, 334]"}]),
+    # exec of what the program returns, as bytes, bytearray, an AST or a code object it cannot
+    # send: refused or not plain data.
+    Hostile("exec_of_program_source_as_bytes_bytearray_and_ast", r'''
+SRC = "def f(x):\n    return 2 * x\n"
+def make_code(kind):
+    if kind == 0:
+        return SRC.encode()
+    if kind == 1:
+        return bytearray(SRC.encode())
+    import ast
+    return ast.parse(SRC)
+''', ("blocked", "runtime error: TypeError", "compared an object of the program's own class"),
+        tests=[{"code": "ns = {}\nexec(make_code(0), ns)\nassert ns['f'](2) == 4"},
+               {"code": "ns = {}\nexec(make_code(1), ns)\nassert ns['f'](2) == 4"},
+               {"code": "ns = {}\nexec(compile(make_code(2), '<p>', 'exec'), ns)\nassert ns['f'](2) == 4"}]),
+    # `from functools import cmp_to_key as decode`, vetted, is not the evaluator's: its
+    # `__module__` is "_functools" (so are reduce, operator's and heapq's/bisect's functions: those
+    # table entries never match), so decode runs in the program, and the K object it makes (whose
+    # equality is the program's "always 0") arrives as a handle, whose comparison is refused.
+    Hostile("external_cmp_to_key_wraps_a_program_comparator", r'''
+from functools import cmp_to_key as decode
+def _always_equal(a, b):
+    return 0
+def encode(s):
+    return _always_equal
+''', ("compared an object of the program's own class", "runtime error"),
+        tests=[{"code": "for s in ['', 'ab']:\n    assert decode(encode(s)) == s"},
+               {"code": "assert [decode(encode('x'))('x')] == ['x']"}]),
+    # Arguments the program changes in place come back as plain data: lying objects put in them
+    # arrive as handles, which the test's comparison refuses.
+    Hostile("in_place_arguments_refilled_with_lying_objects", r'''
+class Liar:
+    def __eq__(self, other):
+        return True
+    __hash__ = None
+def sort_in_place(xs):
+    xs[:] = [Liar() for _ in xs]
+def tally(words, counts):
+    counts.clear()
+    counts["a"] = Liar()
+''', ("compared an object of the program's own class",),
+        tests=[{"code": "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]"},
+               {"code": "c = {}\ntally(['a', 'a'], c)\nassert c == {'a': 2}"}]),
+    # A made-up module object named like a stdlib module binds the evaluator's own module, not the
+    # program's attributes; one named like nothing binds nothing.
+    Hostile("fake_module_objects_named_math_and_helpers", r'''
+import types
+math = types.ModuleType("math")
+math.isclose = lambda *a, **k: True
+math.pi = 3.0
+helpers = types.ModuleType("helpers")
+helpers.close_enough = lambda *a, **k: True
+def area(r):
+    return 3.0 * r * r
+''', ("assertion failed", "runtime error: NameError", "runtime error: AttributeError"),
+        tests=[{"code": "assert math.isclose(area(2), 12.566, rel_tol=1e-3) and math.pi > 3.1"},
+               {"code": "assert helpers.close_enough(area(2), 12.566)"},
+               {"code": "m = math\nassert m.isclose(area(2), 12.566, rel_tol=1e-3)"}]),
+    # Malformed values of the special tags, sent by a server of the program's own: each one is
+    # garbage (a zero denominator, an unhashable Counter key, a deque of negative maxlen, a range
+    # of bools, 300 namedtuple fields) or, for a signalling NaN, an error in the test's `==`.
+    Hostile("malformed_special_tags_from_own_server", _OWN_SERVER + r'''
+def _blob(tag, body):
+    return tag + body
+def _i(v):
+    out = bytearray()
+    _put(out, v)
+    return bytes(out)
+BAD = [b"Q" + _i(1) + _i(0),                                                   # Fraction(1, 0)
+       b"K" + b"l" + (1).to_bytes(4, "big") + b"t" + (2).to_bytes(4, "big") + _i([1]) + _i(2),  # Counter({[1]: 2})
+       b"q" + _i(-1) + _i([1, 2]),                                             # deque maxlen -1
+       b"r" + b"T" + _i(5) + _i(1),                                            # range(True, 5, 1)
+       b"n" + _i("P") + _i(tuple("f%d" % i for i in range(300))) + _i(tuple(range(300))),
+       b"D" + _i("sNaN")]
+def answer(i):
+    return 0
+HANDLES = [answer]
+CATALOG = [("answer", "object", _Ref(0))]
+_get(_read(int.from_bytes(_read(4), "big")), 0)  # the evaluator's ("names", ...)
+_send(("ready", CATALOG))
+while True:
+    msg = _get(_read(int.from_bytes(_read(4), "big")), 0)[0]
+    if msg[0] == "exit":
+        _os._exit(0)
+    ok = bytearray()
+    _put(ok, "ok")
+    body = BAD[msg[2][0] % len(BAD)]
+    data = b"t" + (4).to_bytes(4, "big") + bytes(ok) + body + b"l" + bytes(4) + b"l" + bytes(4)
+    _os.write(4, len(data).to_bytes(4, "big") + data)
+''', ("program sent garbage",),
+        tests=[{"code": "from fractions import Fraction\nassert answer(0) == Fraction(1, 2)"},
+               {"code": "assert answer(1) == {'a': 2}"}, {"code": "assert list(answer(2)) == [1, 2]"},
+               {"code": "assert list(answer(3)) == [1, 2, 3, 4]"}, {"code": "assert answer(4) == tuple(range(300))"},
+               {"code": "from decimal import Decimal\nassert answer(5) == Decimal('9.99')"}]),
+    # The size cap counts UTF-8 bytes: a correct program padded with 70,000 two-byte characters
+    # (140 KB, 70 K characters) is not run.
+    Hostile("program_over_the_size_cap_in_utf8_bytes", "def add(a, b):\n    return a + b\n# " + "\u00e9" * 70000 + "\n",
+            ("program too large",), task="add"),
+    # A lone surrogate in the source: the supervisor's compile raises UnicodeEncodeError (a
+    # ValueError), caught like a syntax error, for every test.
+    Hostile("lone_surrogate_in_program_source", "def add(a, b):\n    return a + b\n# \ud800\n",
+            ("runtime error: UnicodeEncodeError", "syntax error"), task="add"),
+    # Looks for the tests' memfd (and any memfd) through every process' descriptors and maps.
+    Hostile("tests_memfd_through_every_process_fd_and_map_files", r'''
+import os
+found = []
+for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["self", "thread-self"]:
+    for sub in ("fd", "map_files"):
+        d = "/proc/%s/%s" % (pid, sub)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            try:
+                target = os.readlink(d + "/" + n)
+            except OSError:
+                continue
+            if "memfd" in target:
+                try:
+                    with open(d + "/" + n, "rb") as f:
+                        found.append((pid, target, f.read(64)))
+                except OSError as e:
+                    found.append((pid, target, type(e).__name__))
+def add(a, b):
+    print(found)
+    return a * b
+''', ("assertion failed",), task="add", forbid=r"assert add|b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02"),
+    # The guard's substring rule: text that is part of the test may be evaluated. The program can
+    # only name what the test already holds: here the proxy of its own function, which the
+    # comparison refuses.
+    Hostile("returns_substrings_of_the_test_for_it_to_eval", r'''
+CALLS = []
+def expression_for(n):
+    CALLS.append(n)
+    return ["expression_for", "eval", "(5)"][len(CALLS) % 3 - 1]
+''', ("compared an object of the program's own class",),
+        tests=[{"code": "assert eval(expression_for(5)) == 120"}, {"code": "assert eval(expression_for(4)) == 24"}]),
+    # A format string from the program walks the test's objects (`{0.__init__.__globals__}`): it
+    # reads, calls nothing, and the text it makes stays in the evaluator.
+    Hostile("format_string_from_program_walks_test_objects", r'''
+def template(kind):
+    return "{user.__class__.__init__.__globals__}" if kind else "{user.name!r:.0}{user.__dict__}"
+''', ("assertion failed",),
+        tests=[{"code": "class User:\n    def __init__(self, name):\n        self.name = name\nassert template(1).format(user=User('ann')) == 'Hello ann'"},
+               {"code": "class User:\n    def __init__(self, name):\n        self.name = name\nassert template(0).format(user=User('bo')) == 'Hello bo'"}]),
+    # The test's callbacks called from a thread of the program after the call returned: they run
+    # only while the evaluator waits for a later reply (too late for the first test), and a
+    # failed assertion in one still fails the test (the second).
+    Hostile("callback_called_from_a_thread_after_the_call_returned", r'''
+import threading, time
+def each(xs, visit):
+    def later():
+        time.sleep(0.01)
+        for x in xs:
+            visit(x)
+    threading.Thread(target=later).start()
+    return "done"
+def slow(n):
+    time.sleep(0.05)
+    return n
+''', ("assertion failed", "program sent garbage", "program died during the test", "no verdict") + TIME_LIMITS,
+        tests=[{"code": "seen = []\nassert each([3, 1, 2], seen.append) == 'done'\nassert seen == [3, 1, 2]\nslow(1)"},
+               {"code": "def check(x):\n    assert x > 0\nassert each([5, -1], check) == 'done'\nassert slow(2) == 2"}]),
+]
+
+
 # Honest programs and their tests, (name, code, tests): each must get full credit. Shapes that a
 # plain-data boundary could get wrong: objects, generators, in-place changes, exceptions, ...
 HONEST_SHAPES: list[tuple[str, str, list]] = []
+
+
+def _shape(name: str, code: str, tests: list) -> tuple:
+    return name, code, [{"code": t} for t in tests]
+
+
+# Round 2 (red team): shapes RL code datasets use (HumanEval check(candidate), MBPP asserts,
+# LeetCode Solution classes with nodes built from the program's classes, generators, decorators,
+# in-place mutation, exceptions, Decimal/Fraction, big inputs...); each passes as is.
+HONEST_SHAPES += [
+_shape("humaneval_check_candidate_with_isclose_and_lists", '''
+from typing import List
+def mean_absolute_deviation(numbers: List[float]) -> float:
+    mean = sum(numbers) / len(numbers)
+    return sum(abs(x - mean) for x in numbers) / len(numbers)
+''', ["METADATA = {'author': 'jt', 'dataset': 'test'}\n\ndef check(candidate):\n    assert abs(candidate([1.0, 2.0, 3.0]) - 2.0/3.0) < 1e-6\n    assert abs(candidate([1.0, 2.0, 3.0, 4.0]) - 1.0) < 1e-6\n    assert abs(candidate([1.0, 2.0, 3.0, 4.0, 5.0]) - 6.0/5.0) < 1e-6\n\ncheck(mean_absolute_deviation)"]),
+_shape("mbpp_asserts_with_math_isclose_and_sets", '''
+import math
+def wind_chill(v, t):
+    return round(13.12 + 0.6215 * t - 11.37 * math.pow(v, 0.16) + 0.3965 * t * math.pow(v, 0.16))
+def similar_elements(a, b):
+    return tuple(sorted(set(a) & set(b)))
+def area_circle(r):
+    return math.pi * r * r
+''', ["assert wind_chill(120, 35) == 40", "assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == set((4, 5))",
+      "assert math.isclose(area_circle(10), 314.15926535897927, rel_tol=0.001)"]),
+_shape("leetcode_solution_class_with_program_listnode", '''
+from typing import Optional
+class ListNode:
+    def __init__(self, val=0, next=None):
+        self.val = val
+        self.next = next
+class Solution:
+    def reverseList(self, head: Optional[ListNode]) -> Optional[ListNode]:
+        prev = None
+        while head:
+            head.next, prev, head = prev, head, head.next
+        return prev
+''', ["def build(vals):\n    head = None\n    for v in reversed(vals):\n        head = ListNode(v, head)\n    return head\n"
+      "def to_list(node):\n    out = []\n    while node:\n        out.append(node.val)\n        node = node.next\n    return out\n"
+      "assert to_list(Solution().reverseList(build([1, 2, 3, 4, 5]))) == [5, 4, 3, 2, 1]\n"
+      "assert Solution().reverseList(None) is None\nassert to_list(Solution().reverseList(build([7]))) == [7]"]),
+_shape("leetcode_treenode_from_program_class_level_order", '''
+from collections import deque
+class TreeNode:
+    def __init__(self, val=0, left=None, right=None):
+        self.val, self.left, self.right = val, left, right
+class Solution:
+    def maxDepth(self, root):
+        if not root:
+            return 0
+        return 1 + max(self.maxDepth(root.left), self.maxDepth(root.right))
+    def invertTree(self, root):
+        if root:
+            root.left, root.right = self.invertTree(root.right), self.invertTree(root.left)
+        return root
+''', ["root = TreeNode(3, TreeNode(9), TreeNode(20, TreeNode(15), TreeNode(7)))\nassert Solution().maxDepth(root) == 3\n"
+      "r = Solution().invertTree(root)\nassert (r.left.val, r.right.val, r.left.left.val) == (20, 9, 7)\nassert Solution().maxDepth(None) == 0"]),
+_shape("stack_class_methods_and_exceptions_try_except", '''
+class MinStack:
+    def __init__(self):
+        self.s = []
+    def push(self, x):
+        self.s.append((x, min(x, self.s[-1][1]) if self.s else x))
+    def pop(self):
+        if not self.s:
+            raise IndexError("pop from empty stack")
+        return self.s.pop()[0]
+    def getMin(self):
+        return self.s[-1][1]
+''', ["s = MinStack()\nfor x in [5, 3, 7, 1]:\n    s.push(x)\nassert s.getMin() == 1\nassert s.pop() == 1 and s.getMin() == 3\n"
+      "try:\n    MinStack().pop()\n    ok = False\nexcept IndexError as e:\n    ok = 'empty' in str(e)\nassert ok"]),
+_shape("generator_next_send_and_islice", '''
+import itertools
+def running_avg():
+    total, n, avg = 0.0, 0, None
+    while True:
+        x = yield avg
+        total, n = total + x, n + 1
+        avg = total / n
+def evens():
+    n = 0
+    while True:
+        yield n
+        n += 2
+''', ["g = running_avg()\nnext(g)\nassert g.send(10) == 10.0 and g.send(20) == 15.0\n"
+      "assert list(itertools.islice(evens(), 5)) == [0, 2, 4, 6, 8]"]),
+_shape("iterator_class_protocol", '''
+class Countdown:
+    def __init__(self, n):
+        self.n = n
+    def __iter__(self):
+        return self
+    def __next__(self):
+        if self.n <= 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n + 1
+''', ["assert list(Countdown(3)) == [3, 2, 1]\nassert sum(Countdown(4)) == 10\nc = Countdown(2)\nassert next(c) == 2 and next(c) == 1\n"
+      "try:\n    next(c)\n    raise AssertionError('no StopIteration')\nexcept StopIteration:\n    pass"]),
+_shape("decorators_and_closures_returning_functions", '''
+import functools
+def make_multiplier(k):
+    def mul(x):
+        return x * k
+    return mul
+def count_calls(f):
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        return f(*args, **kwargs)
+    wrapper.calls = 0
+    return wrapper
+@count_calls
+def square(x):
+    return x * x
+def compose(*fs):
+    return functools.reduce(lambda f, g: lambda x: g(f(x)), fs)
+''', ["assert make_multiplier(3)(4) == 12 and list(map(make_multiplier(2), [1, 2])) == [2, 4]",
+      "assert square(3) == 9 and square(4) == 16 and square.calls == 2",
+      "assert compose(lambda x: x + 1, lambda x: x * 10)(2) == 30"]),
+_shape("lru_cache_recursion_and_cache_info", '''
+import functools, sys
+sys.setrecursionlimit(10000)
+@functools.lru_cache(maxsize=None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+def climb(n):
+    @functools.lru_cache(None)
+    def ways(i):
+        return 1 if i <= 1 else ways(i - 1) + ways(i - 2)
+    return ways(n)
+''', ["assert fib(300) == 222232244629420445529739893461909967206666939096499764990979600\nassert fib.cache_info().hits > 0",
+      "assert climb(2000) % 1000000007 == climb(2000) % 1000000007 and climb(5) == 8"]),
+_shape("in_place_nested_mutation_matrix_and_dict_of_lists", '''
+def set_zeroes(m):
+    rows = {i for i, r in enumerate(m) if 0 in r}
+    cols = {j for r in m for j, v in enumerate(r) if v == 0}
+    for i, r in enumerate(m):
+        for j in range(len(r)):
+            if i in rows or j in cols:
+                r[j] = 0
+def add_edge(graph, a, b):
+    graph.setdefault(a, []).append(b)
+    graph.setdefault(b, []).append(a)
+def dedupe(xs):
+    seen = set()
+    xs[:] = [x for x in xs if not (x in seen or seen.add(x))]
+    return len(xs)
+''', ["m = [[1, 1, 1], [1, 0, 1], [1, 1, 1]]\nset_zeroes(m)\nassert m == [[1, 0, 1], [0, 0, 0], [1, 0, 1]]",
+      "g = {}\nadd_edge(g, 1, 2)\nadd_edge(g, 2, 3)\nassert g == {1: [2], 2: [1, 3], 3: [2]}",
+      "xs = [3, 1, 3, 2, 1]\nassert dedupe(xs) == 3 and xs == [3, 1, 2]"]),
+_shape("sorted_with_key_from_program_and_lambda_from_test", '''
+def by_length_then_alpha(words):
+    return sorted(words, key=lambda w: (len(w), w))
+def score(word):
+    return sum(ord(c) - 96 for c in word)
+def top_k(items, k, key):
+    return sorted(items, key=key, reverse=True)[:k]
+''', ["assert by_length_then_alpha(['bb', 'a', 'ab', 'c']) == ['a', 'c', 'ab', 'bb']",
+      "assert sorted(['abc', 'zz', 'a'], key=score) == ['a', 'abc', 'zz']",
+      "assert top_k([('a', 3), ('b', 5), ('c', 1)], 2, key=lambda p: p[1]) == [('b', 5), ('a', 3)]"]),
+_shape("big_inputs_1e5_elements_performance", '''
+def max_subarray(nums):
+    best = cur = nums[0]
+    for x in nums[1:]:
+        cur = max(x, cur + x)
+        best = max(best, cur)
+    return best
+def prefix_sums(nums):
+    out, s = [], 0
+    for x in nums:
+        s += x
+        out.append(s)
+    return out
+''', ["nums = [(i * 7919) % 201 - 100 for i in range(50000)]\nps = prefix_sums(nums)\n"
+      "assert len(ps) == 50000 and ps[-1] == sum(nums) and max_subarray(nums) >= max(nums)",
+      "assert max_subarray(range(-50000, 50000)) == sum(range(1, 50000))"]),
+_shape("unicode_bytes_and_surrogates", '''
+def reverse_words(s):
+    return " ".join(reversed(s.split()))
+def to_utf8(s):
+    return s.encode("utf-8")
+def from_utf8(b):
+    return b.decode("utf-8")
+def count_graphemes_naive(s):
+    return len(s)
+def xor_bytes(a, b):
+    return bytes(x ^ y for x, y in zip(a, b))
+''', ["assert reverse_words('héllo wörld 日本 🎉') == '🎉 日本 wörld héllo'",
+      "assert to_utf8('é🎉') == b'\\xc3\\xa9\\xf0\\x9f\\x8e\\x89' and from_utf8(b'\\xe6\\x97\\xa5') == '日'",
+      "assert count_graphemes_naive('a\\u0301') == 2 and count_graphemes_naive('\\ud800') == 1",
+      "assert xor_bytes(b'\\x00\\xff', bytearray(b'\\xff\\xff')) == b'\\xff\\x00'"]),
+_shape("sets_of_tuples_frozensets_and_dict_ordering", '''
+def pairs_summing_to(nums, t):
+    seen, out = set(), set()
+    for x in nums:
+        if t - x in seen:
+            out.add((min(x, t - x), max(x, t - x)))
+        seen.add(x)
+    return out
+def group_anagrams(words):
+    groups = {}
+    for w in words:
+        groups.setdefault("".join(sorted(w)), []).append(w)
+    return groups
+def power_set(xs):
+    out = {frozenset()}
+    for x in xs:
+        out |= {s | {x} for s in out}
+    return out
+''', ["assert pairs_summing_to([1, 2, 3, 4, 5], 6) == {(1, 5), (2, 4)}",
+      "g = group_anagrams(['eat', 'tea', 'tan', 'ate', 'nat'])\nassert list(g) == ['aet', 'ant'] and g['aet'] == ['eat', 'tea', 'ate']",
+      "assert power_set([1, 2]) == {frozenset(), frozenset({1}), frozenset({2}), frozenset({1, 2})}"]),
+_shape("float_tolerance_nan_inf_and_round", '''
+import math
+def safe_div(a, b):
+    if b == 0:
+        return math.inf if a > 0 else -math.inf if a < 0 else math.nan
+    return a / b
+def stddev(xs):
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5
+''', ["assert safe_div(1, 0) == float('inf') and math.isnan(safe_div(0, 0)) and safe_div(1, 4) == 0.25",
+      "assert round(stddev([2, 4, 4, 4, 5, 5, 7, 9]), 6) == 2.0\nassert abs(stddev([1, 2]) - 0.5) <= 1e-12"]),
+_shape("decimal_and_fraction_with_context_in_function", '''
+from decimal import Decimal, localcontext, ROUND_HALF_UP
+from fractions import Fraction
+def money(x):
+    return Decimal(x).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+def precise_third():
+    with localcontext() as ctx:
+        ctx.prec = 50
+        return Decimal(1) / Decimal(3)
+def egyptian(fr):
+    out = []
+    while fr > 0:
+        d = -(-fr.denominator // fr.numerator)
+        out.append(Fraction(1, d))
+        fr -= Fraction(1, d)
+    return out
+''', ["from decimal import Decimal\nassert money('2.675') == Decimal('2.68') and str(money('1')) == '1.00'",
+      "assert str(precise_third()).startswith('0.' + '3' * 49) and len(str(precise_third())) == 52",
+      "from fractions import Fraction\nassert egyptian(Fraction(4, 13)) == [Fraction(1, 4), Fraction(1, 18), Fraction(1, 468)]"]),
+_shape("args_kwargs_defaults_and_mutable_default_state", '''
+def describe(*args, sep=", ", **kwargs):
+    parts = [str(a) for a in args] + [f"{k}={v}" for k, v in sorted(kwargs.items())]
+    return sep.join(parts)
+def append_to(x, acc=[]):
+    acc.append(x)
+    return acc
+_counter = 0
+def next_id():
+    global _counter
+    _counter += 1
+    return _counter
+''', ["assert describe(1, 'a', z=2, b=3) == '1, a, b=3, z=2' and describe(sep='-') == '' and describe(1, 2, sep='-') == '1-2'",
+      "assert append_to(1) == [1] and append_to(2) == [1, 2]",
+      "assert [next_id() for _ in range(3)] == [1, 2, 3]"]),
+_shape("namedtuple_counter_ordereddict_deque_results", '''
+from collections import namedtuple, Counter, OrderedDict, deque
+Point = namedtuple("Point", ["x", "y"])
+def midpoint(a, b):
+    return Point((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
+def char_freq(s):
+    return Counter(s)
+def first_seen(xs):
+    return OrderedDict((x, i) for i, x in reversed(list(enumerate(xs))))
+def window(xs, k):
+    d = deque(maxlen=k)
+    for x in xs:
+        d.append(x)
+    return d
+''', ["p = midpoint((0, 0), (2, 4))\nassert p == (1.0, 2.0) and p.x == 1.0 and p._asdict() == {'x': 1.0, 'y': 2.0}",
+      "c = char_freq('mississippi')\nassert c.most_common(2) == [('i', 4), ('s', 4)] and c['z'] == 0",
+      "assert list(first_seen('abca').items()) == [('a', 0), ('c', 2), ('b', 1)]",
+      "w = window([1, 2, 3, 4], 2)\nassert list(w) == [3, 4] and w.maxlen == 2"]),
+_shape("enum_values_and_names_via_attributes", '''
+from enum import Enum
+class Light(Enum):
+    RED = 1
+    GREEN = 2
+    YELLOW = 3
+def next_light(light):
+    order = [Light.RED, Light.GREEN, Light.YELLOW]
+    return order[(order.index(light) + 1) % 3]
+''', ["assert next_light(Light.RED).name == 'GREEN' and next_light(Light.YELLOW).value == 1\nassert Light['GREEN'].value == 2 and Light(3).name == 'YELLOW'"]),
+_shape("dataclass_fields_compared_through_attributes", '''
+from dataclasses import dataclass, field
+@dataclass(order=True)
+class Task:
+    priority: int
+    name: str = field(compare=False)
+def schedule(tasks):
+    return sorted(tasks)
+''', ["ts = schedule([Task(3, 'c'), Task(1, 'a'), Task(2, 'b')])\nassert [t.name for t in ts] == ['a', 'b', 'c'] and ts[0].priority == 1\nassert repr(ts[0]) == \"Task(priority=1, name='a')\""]),
+_shape("exceptions_raised_and_messages_checked", '''
+def parse_age(s):
+    if not s.isdigit():
+        raise ValueError(f"invalid age: {s!r}")
+    age = int(s)
+    if age > 150:
+        raise OverflowError("too old")
+    return age
+def get(d, k):
+    return d[k]
+''', ["try:\n    parse_age('abc')\n    assert False\nexcept ValueError as e:\n    assert str(e) == \"invalid age: 'abc'\"",
+      "try:\n    parse_age('200')\nexcept ArithmeticError:\n    pass\nelse:\n    raise AssertionError",
+      "assert parse_age('42') == 42\ntry:\n    get({}, 'x')\nexcept LookupError:\n    pass"]),
+_shape("global_state_class_attributes_and_instance_counts", '''
+class Account:
+    count = 0
+    def __init__(self, owner, balance=0):
+        self.owner, self.balance = owner, balance
+        Account.count += 1
+    def deposit(self, x):
+        if x <= 0:
+            raise ValueError("deposit must be positive")
+        self.balance += x
+        return self.balance
+    def __str__(self):
+        return f"{self.owner}: {self.balance}"
+    def __len__(self):
+        return self.balance
+''', ["a = Account('ann')\nb = Account('bob', 5)\nassert Account.count == 2 and a.deposit(10) == 10 and str(b) == 'bob: 5'\nassert len(a) == 10 and bool(a)\n"
+      "a.balance = 3\nassert a.balance == 3 and f'{a}' == 'ann: 3'"]),
+_shape("recursion_deep_in_program_with_raised_limit", '''
+import sys
+sys.setrecursionlimit(20000)
+def depth(n):
+    return 0 if n == 0 else 1 + depth(n - 1)
+def flatten(x):
+    if isinstance(x, list):
+        return [z for y in x for z in flatten(y)]
+    return [x]
+''', ["assert depth(5000) == 5000", "assert flatten([1, [2, [3, [4, [5]]]], 6]) == [1, 2, 3, 4, 5, 6]"]),
+_shape("print_based_function_checked_by_return_value", '''
+def fizzbuzz(n):
+    out = []
+    for i in range(1, n + 1):
+        s = "Fizz" * (i % 3 == 0) + "Buzz" * (i % 5 == 0) or str(i)
+        print(s)
+        out.append(s)
+    return out
+''', ["assert fizzbuzz(15)[-1] == 'FizzBuzz' and fizzbuzz(5) == ['1', '2', 'Fizz', '4', 'Buzz']"]),
+_shape("json_roundtrip_and_ast_literal_eval_of_program_output", '''
+import json
+def to_json(obj):
+    return json.dumps(obj, sort_keys=True)
+def serialize(obj):
+    return repr(obj)
+''', ["import json\nassert json.loads(to_json({'b': [1, 2], 'a': None})) == {'a': None, 'b': [1, 2]} and to_json([]) == '[]'",
+      "import ast\nassert ast.literal_eval(serialize({'k': (1, 2.5, 'x'), 2: {3}})) == {'k': (1, 2.5, 'x'), 2: {3}}"]),
+_shape("callbacks_visitor_with_test_state_and_retry", '''
+def retry(times):
+    def deco(f):
+        def wrapper(*a):
+            last = None
+            for _ in range(times):
+                try:
+                    return f(*a)
+                except ConnectionError as e:
+                    last = e
+            raise last
+        return wrapper
+    return deco
+def walk(tree, visit, depth=0):
+    visit(tree["name"], depth)
+    for child in tree.get("children", []):
+        walk(child, visit, depth + 1)
+''', ["calls = []\n@retry(3)\ndef flaky(x):\n    calls.append(x)\n    if len(calls) < 3:\n        raise ConnectionError('down')\n    return x * 2\nassert flaky(21) == 42 and calls == [21, 21, 21]",
+      "seen = []\nwalk({'name': 'a', 'children': [{'name': 'b'}, {'name': 'c', 'children': [{'name': 'd'}]}]}, lambda n, d: seen.append((n, d)))\nassert seen == [('a', 0), ('b', 1), ('c', 1), ('d', 2)]"]),
+_shape("datetime_strings_and_timedelta_seconds", '''
+from datetime import date, timedelta
+def add_days(iso, n):
+    return (date.fromisoformat(iso) + timedelta(days=n)).isoformat()
+def weekday_name(iso):
+    return date.fromisoformat(iso).strftime("%A")
+def days_between(a, b):
+    return abs((date.fromisoformat(b) - date.fromisoformat(a)).days)
+''', ["assert add_days('2024-02-28', 1) == '2024-02-29' and add_days('2023-12-31', 1) == '2024-01-01'",
+      "assert weekday_name('2024-01-01') == 'Monday' and days_between('2024-01-01', '2024-03-01') == 60"]),
+_shape("many_small_calls_loop_of_cases", '''
+def is_prime(n):
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+''', ["ref = [n for n in range(2000) if n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))]\nassert [n for n in range(2000) if is_prime(n)] == ref"]),
+_shape("context_manager_used_inside_program_only", '''
+import contextlib
+@contextlib.contextmanager
+def tag(name, out):
+    out.append(f"<{name}>")
+    yield
+    out.append(f"</{name}>")
+def render(items):
+    out = []
+    with tag("ul", out):
+        for it in items:
+            with tag("li", out):
+                out.append(str(it))
+    return "".join(out)
+''', ["assert render([1, 2]) == '<ul><li>1</li><li>2</li></ul>' and render([]) == '<ul></ul>'"]),
+_shape("string_methods_on_results_and_format", '''
+def title_case(s):
+    return " ".join(w.capitalize() for w in s.split())
+def table(rows):
+    return "\\n".join(f"{name:<6}|{score:>5.1f}" for name, score in rows)
+''', ["assert title_case('hello  wORLD').split() == ['Hello', 'World'] and title_case('a').upper() == 'A'",
+      "assert table([('ann', 9.5), ('bo', 10)]) == 'ann   |  9.5\\nbo    | 10.0'\nassert '{:>8}'.format(title_case('x y')) == '     X Y'"]),
+_shape("bit_manipulation_and_big_ints", '''
+def count_bits(n):
+    return bin(n).count("1")
+def reverse_bits(n, width=32):
+    return int(format(n, f"0{width}b")[::-1], 2)
+def power_mod(b, e, m):
+    return pow(b, e, m)
+''', ["assert [count_bits(i) for i in range(6)] == [0, 1, 1, 2, 1, 2] and count_bits(2 ** 1000 - 1) == 1000",
+      "assert reverse_bits(43261596) == 964176192 and power_mod(3, 10 ** 18, 10 ** 9 + 7) == pow(3, 10 ** 18, 10 ** 9 + 7)"]),
+]
+
+# Shapes the first plain-data boundary failed (red team, round 2), passing since: test objects as
+# handles, identity, exact iteration, exception classes and args, `with`, captured stdout, ...
+HONEST_SHAPES += [
+    ('leetcode_listnode_defined_by_the_test', '\nclass Solution:\n    def reverseList(self, head):\n        prev = None\n        while head:\n            head.next, prev, head = prev, head, head.next\n        return prev\n',
+     [{'code': 'class ListNode:\n    def __init__(self, val=0, next=None):\n        self.val, self.next = val, next\ndef build(vals):\n    head = None\n    for v in reversed(vals):\n        head = ListNode(v, head)\n    return head\ndef to_list(n):\n    out = []\n    while n:\n        out.append(n.val)\n        n = n.next\n    return out\nassert to_list(Solution().reverseList(build([1, 2, 3]))) == [3, 2, 1]'}]),
+    ('leetcode_annotations_name_harness_types', '\nclass Solution:\n    def middleNode(self, head: Optional[ListNode]) -> Optional[ListNode]:\n        slow = fast = head\n        while fast and fast.next:\n            slow, fast = slow.next, fast.next.next\n        return slow\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n                return [seen[target - x], i]\n            seen[x] = i\n',
+     [{'code': 'from typing import List, Optional\nassert Solution().twoSum([2, 7, 11, 15], 9) == [0, 1]'}]),
+    ('datetime_argument_and_result', '\nfrom datetime import date, timedelta\ndef next_monday(d):\n    return d + timedelta(days=(7 - d.weekday()) % 7 or 7)\n',
+     [{'code': 'from datetime import date\nassert next_monday(date(2024, 1, 3)) == date(2024, 1, 8)'}]),
+    ('enum_member_compared_to_member', '\nfrom enum import Enum\nclass Light(Enum):\n    RED = 1\n    GREEN = 2\ndef next_light(l):\n    return Light.GREEN if l is Light.RED else Light.RED\n',
+     [{'code': 'assert next_light(Light.RED) == Light.GREEN'}, {'code': 'assert next_light(Light.RED) is Light.GREEN'}]),
+    ('context_manager_class_used_by_test', '\nimport time\nclass Timer:\n    def __enter__(self):\n        self.start = time.perf_counter()\n        return self\n    def __exit__(self, *exc):\n        self.elapsed = time.perf_counter() - self.start\n        return False\n',
+     [{'code': 'with Timer() as t:\n    sum(range(1000))\nassert t.elapsed >= 0'}]),
+    ('test_catches_programs_exception_class', '\nclass InsufficientFunds(Exception):\n    def __init__(self, need):\n        super().__init__(f"need {need} more")\n        self.need = need\ndef withdraw(balance, amount):\n    if amount > balance:\n        raise InsufficientFunds(amount - balance)\n    return balance - amount\n',
+     [{'code': 'try:\n    withdraw(1, 5)\nexcept InsufficientFunds as e:\n    assert e.need == 4\nelse:\n    assert False'}]),
+    ('keyerror_message_and_exception_args', '\ndef lookup(d, k):\n    if k not in d:\n        raise KeyError(k)\n    return d[k]\ndef check_range(x):\n    if not 0 <= x < 10:\n        raise ValueError("out of range", x)\n    return x\n',
+     [{'code': 'try:\n    lookup({}, \'x\')\nexcept KeyError as e:\n    assert e.args == (\'x\',) and str(e) == "\'x\'"'}, {'code': 'try:\n    check_range(12)\nexcept ValueError as e:\n    assert e.args[1] == 12'}]),
+    ('generator_partially_consumed_then_continued', '\ndef naturals():\n    n = 0\n    while True:\n        yield n\n        n += 1\n',
+     [{'code': 'import itertools\ng = naturals()\nassert list(itertools.islice(g, 3)) == [0, 1, 2]\nassert list(itertools.islice(g, 3)) == [3, 4, 5]'}, {'code': 'g = naturals()\nfor x in g:\n    if x == 2:\n        break\nassert next(g) == 3'}]),
+    ('generator_raising_after_the_items_the_test_reads', '\ndef read_records(lines):\n    for line in lines:\n        if not line:\n            raise ValueError("empty line")\n        yield line.upper()\n',
+     [{'code': "for i, r in enumerate(read_records(['a', 'b', ''])):\n    if i == 1:\n        break\nassert r == 'B'"}]),
+    ('generator_argument_from_the_test', '\ndef total(xs):\n    return sum(xs)\ndef first_even(it):\n    for x in it:\n        if x % 2 == 0:\n            return x\n',
+     [{'code': 'assert total(x * x for x in range(4)) == 14'}, {'code': 'assert first_even(iter([1, 3, 4, 5])) == 4'}, {'code': "assert total(map(int, '123')) == 6"}, {'code': "assert total({'a': 1, 'b': 2}.values()) == 3"}]),
+    ('dict_views_returned', '\ndef unique_keys(d1, d2):\n    return d1.keys() | d2.keys()\ndef keys_of(d):\n    return d.keys()\n',
+     [{'code': "assert unique_keys({'a': 1}, {'b': 2}) == {'a', 'b'}"}, {'code': "assert keys_of({'a': 1, 'b': 2}) == {'a', 'b'}"}]),
+    ('defaultdict_and_deque_arguments_mutated', '\ndef add_edge(g, a, b):\n    g[a].append(b)\ndef rotate(d, k):\n    d.rotate(k)\ndef count_into(c, s):\n    c.update(s)\n',
+     [{'code': 'from collections import defaultdict\ng = defaultdict(list)\nadd_edge(g, 1, 2)\nassert g[1] == [2]'}, {'code': 'from collections import deque\nd = deque([1, 2, 3])\nrotate(d, 1)\nassert list(d) == [3, 1, 2]'}, {'code': "from collections import Counter\nc = Counter()\ncount_into(c, 'aab')\nassert c == Counter(a=2, b=1)"}]),
+    ('defaultdict_result_default_used_by_test', '\nfrom collections import defaultdict\ndef group(words):\n    g = defaultdict(list)\n    for w in words:\n        g[w[0]].append(w)\n    return g\n',
+     [{'code': "g = group(['apple', 'avocado', 'banana'])\nassert g['a'] == ['apple', 'avocado'] and g['z'] == []"}]),
+    ('stdout_captured_by_test', '\ndef print_triangle(n):\n    for i in range(1, n + 1):\n        print("*" * i)\n',
+     [{'code': "import io, contextlib\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n    print_triangle(3)\nassert buf.getvalue() == '*\\n**\\n***\\n'"}]),
+    ('sys_exit_expected_by_test', '\nimport sys\ndef validate(x):\n    if x < 0:\n        sys.exit(2)\n    return x\n',
+     [{'code': 'try:\n    validate(-1)\nexcept SystemExit as e:\n    assert e.code == 2\nelse:\n    assert False'}]),
+    ('decorator_preserves_name_of_test_function', '\nimport functools\ndef logged(f):\n    @functools.wraps(f)\n    def wrapper(*a, **k):\n        return f(*a, **k)\n    return wrapper\n',
+     [{'code': "@logged\ndef greet(name):\n    '''Say hi.'''\n    return 'hi ' + name\nassert greet('bo') == 'hi bo' and greet.__name__ == 'greet' and greet.__doc__ == 'Say hi.'"}]),
+    ('memoize_decorator_on_deep_test_recursion', '\ndef memoize(f):\n    cache = {}\n    def wrapper(n):\n        if n not in cache:\n            cache[n] = f(n)\n        return cache[n]\n    return wrapper\n',
+     [{'code': '@memoize\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nassert fib(150) == 9969216677189303386214405760200'}]),
+    ('slicing_a_program_sequence', '\nclass Ring:\n    def __init__(self, xs):\n        self.xs = list(xs)\n    def __getitem__(self, i):\n        if isinstance(i, slice):\n            return [self.xs[j % len(self.xs)] for j in range(i.start, i.stop)]\n        return self.xs[i % len(self.xs)]\n',
+     [{'code': 'assert Ring([1, 2, 3])[5] == 3 and Ring([1, 2, 3])[2:5] == [3, 1, 2]'}]),
+    ('deeply_nested_list_from_test', '\ndef depth(x):\n    d = 0\n    while isinstance(x, list) and x:\n        x, d = x[0], d + 1\n    return d\n',
+     [{'code': 'x = 0\nfor _ in range(200):\n    x = [x]\nassert depth(x) == 200'}]),
+    ('test_function_raises_its_own_exception_through_program', '\ndef call_all(fs):\n    return [f() for f in fs]\n',
+     [{'code': "class Boom(Exception):\n    pass\ndef bad():\n    raise Boom('x')\ntry:\n    call_all([lambda: 1, bad])\nexcept Boom:\n    pass\nelse:\n    assert False"}]),
+    ('large_module_level_table', '\nLIMIT = 10 ** 6\nspf = list(range(LIMIT + 1))\nfor i in range(2, int(LIMIT ** 0.5) + 1):\n    if spf[i] == i:\n        for j in range(i * i, LIMIT + 1, i):\n            if spf[j] == j:\n                spf[j] = i\ndef factorize(n):\n    out = []\n    while n > 1:\n        out.append(spf[n])\n        n //= spf[n]\n    return out\n',
+     [{'code': 'assert factorize(360) == [2, 2, 2, 3, 3, 5] and factorize(999983) == [999983]'}]),
+    ('linked_list_traversal_1k_nodes', '\nclass ListNode:\n    def __init__(self, val=0, next=None):\n        self.val, self.next = val, next\ndef build(n):\n    head = None\n    for v in range(n, 0, -1):\n        head = ListNode(v, head)\n    return head\n',
+     [{'code': 'n, node, total = 0, build(1000), 0\nwhile node:\n    total += node.val\n    node = node.next\nassert total == 500500'}]),
+]

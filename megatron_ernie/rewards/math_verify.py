@@ -24,18 +24,20 @@ Ours, and why (the library is weak here for rewards):
     as a set; a box after prose such as "then corrected:" replaces the earlier ones); else the last
     "answer is / final answer: / Answer: / ####" phrase, of which the first maths in its clause
     ("the answer is 5 pears, found in 2 steps" → 5); else the last sentence that states a result
-    (check, note and restated-question sentences skipped; in it the maths after the last "is / = /
-    so / then …" of a main clause; a hedge between values answers all of them); else a bare short
-    answer ("Evelyn"). An answer is always a whole maths span — never a number out of
-    a larger expression (`$\\frac13$` is 1/3, `$10^4$` is 10000, `4+1` is 5, `[0,1)` an interval,
-    `7y` and `20 + y` are not 7 and 20). The library's extraction takes the first of "4 and 6",
+    (check, note, restated-question, question and closing-pleasantry sentences skipped; in it the
+    maths after the last "is / = / so / then …" of a main clause; a hedge between values answers
+    all of them); a sentence retracting the phrase's answer ("Wait, that's wrong") passes to what
+    follows it; else a bare short answer ("Evelyn"). An answer is always a whole maths span —
+    never a number out of a larger expression (`$\\frac13$` is 1/3, `$10^4$` is 10000, `4+1` is 5,
+    `[0,1)` an interval, `7y` and `20 + y` are not 7 and 20). The library's extraction takes the first of "4 and 6",
     a number glued to a variable, or a number out of the think block;
   * answer shapes (`normalize_answer`, `parse_number`): percentages (`10\\%` = 10 = 0.1 by
-    default), units (`\\boxed{2,500} dollars`, `15\\text{ cm}^2`, `5 apples`), currency, thousands
-    separators (`1,000`, `1 000`, `1\\,000`, `32,\\!349`), decimal commas (`3,5` = 3.5 when the
-    other side is a plain decimal), mixed numbers (`12 \\frac{3}{4}`, `2 1/2`), repeating decimals,
-    degrees (`60^\\circ` = π/3 when the other side is in radians), doubled backslashes, unicode
-    maths, numeric chains (`48+24 = 72` → 72), labels (`x = 5`, `(p,q)=(3,2)`, `AB=4, CD=5`);
+    default), units (`\\boxed{2,500} dollars`, `15\\text{ cm}^2`, `5 apples`; two known units
+    must agree: `5 m` is not `5 cm`), currency, thousands separators (`1,000`, `1 000`,
+    `1\\,000`, `32,\\!349`), decimal commas (`3,5` = 3.5 when the other side is a plain decimal),
+    mixed numbers (`12 \\frac{3}{4}`, `2 1/2`), repeating decimals, degrees (`60^\\circ` = π/3
+    when the other side is in radians), doubled backslashes, unicode maths, numeric chains
+    (`48+24 = 72` → 72), labels (`x = 5`, `(p,q)=(3,2)`, `AB=4, CD=5`);
   * structure: tuples and intervals in order with matching brackets, sets and bare lists ("1, 2",
     "2 and 3", sets of tuples with `;` or "or", several boxes) as multisets, a point is not a set
     (the library equates `(1,2)` with `{1,2}`), a list of different values is never one number
@@ -115,6 +117,8 @@ class _Ctx:
         """Decide an atom pair without the worker, or None."""
         if not p.text or not g.text:
             return Equivalence(False, "none", note="empty answer")
+        if p.unit and g.unit and p.unit != g.unit:  # "5 m" vs "5 cm"; an unknown word says nothing
+            return Equivalence(False, "string", note=f"units {p.unit} vs {g.unit}")
         if p.label and g.label and _key(p.label) != _key(g.label):
             try:
                 plain = self.number(p, g) is not None and self.number(g, p) is not None
@@ -141,7 +145,7 @@ class _Ctx:
         return None
 
     def atom(self, p: _Atom, g: _Atom, collect: bool) -> Equivalence:
-        key = (p.text, p.label, p.pct, p.deg, g.text, g.label, g.pct, g.deg)
+        key = (p.text, p.label, p.pct, p.deg, p.unit, g.text, g.label, g.pct, g.deg, g.unit)
         if key in self.results:
             return self.results[key]
         got = self.local(p, g)
@@ -205,9 +209,10 @@ def _walk(p, g, ctx: _Ctx, collect: bool) -> Equivalence:
     if isinstance(p, _Seq) and isinstance(g, _Seq):
         return _walk_seqs(p, g, ctx, collect)
     seq, atom = (p, g) if isinstance(p, _Seq) else (g, p)
-    # "3,5" vs 3.5: a decimal comma, not a list
-    if ctx.rules.decimal_comma and re.fullmatch(r"-?(?:\d{1,3}(?:\.\d{3})+|\d+),\d+", seq.raw.strip()):
-        as_atom = _atom(seq.raw, ctx.rules)
+    # "3,5" vs 3.5 (and "3,5 kg"): a decimal comma, not a list
+    two = ctx.rules.decimal_comma and seq.kind == "list" and len(seq.items) == 2
+    as_atom = _atom(seq.raw, ctx.rules) if two else None
+    if as_atom is not None and re.fullmatch(r"-?(?:\d{1,3}(?:\.\d{3})+|\d+),\d+", as_atom.text):
         got = ctx.atom(as_atom, atom, collect) if seq is p else ctx.atom(atom, as_atom, collect)
         if got.equal or collect:
             return got
@@ -228,6 +233,21 @@ def _walk(p, g, ctx: _Ctx, collect: bool) -> Equivalence:
     return ctx.atom(whole_p, whole_g, collect)
 
 
+def _labels(seq: _Seq) -> list[str] | None:
+    labels = [_key(x.label) if isinstance(x, _Atom) and x.label else None for x in seq.items]
+    return labels if None not in labels and len(set(labels)) == len(labels) else None
+
+
+def _by_labels(p: _Seq, g: _Seq) -> list | None:
+    """g's items in the order of p's labels, when both are bare lists of distinct labels, the same ones."""
+    if p.brackets or g.brackets:
+        return None
+    lp, lg = _labels(p), _labels(g)
+    if not lp or not lg or set(lp) != set(lg):
+        return None
+    return [g.items[lg.index(label)] for label in lp]
+
+
 def _walk_seqs(p: _Seq, g: _Seq, ctx: _Ctx, collect: bool) -> Equivalence:
     kinds = {p.kind, g.kind}
     if kinds == {"ordered", "set"}:
@@ -237,7 +257,8 @@ def _walk_seqs(p: _Seq, g: _Seq, ctx: _Ctx, collect: bool) -> Equivalence:
     if "ordered" in kinds:
         if p.brackets and g.brackets and p.brackets != g.brackets:
             return Equivalence(False, "ordered", note=f"brackets {p.brackets} vs {g.brackets}")
-        results = [_walk(x, y, ctx, collect) for x, y in zip(p.items, g.items)]
+        g_items = _by_labels(p, g) or g.items  # "y = 2, x = 1" vs "x = 1, y = 2": matched by label
+        results = [_walk(x, y, ctx, collect) for x, y in zip(p.items, g_items)]
         return Equivalence(all(r.equal for r in results), "ordered", timeout=any(r.timeout for r in results))
     # sets and bare lists: a perfect matching between the two multisets
     n = len(p.items)
@@ -345,8 +366,8 @@ class MathVerifier(PerSampleSource):
     def score_one(self, sample: RewardSample) -> RewardResult:
         if sample.reference is None or not str(sample.reference).strip():
             return RewardResult.failure(self.name, "missing reference answer")
-        ref = reference_answer(str(sample.reference))
-        got = extract(sample.response, think=self.strip_think, fallback=self.rules.fallback)
+        ref = reference_answer(str(sample.reference), units=self.rules.units)
+        got = extract(sample.response, think=self.strip_think, fallback=self.rules.fallback, units=self.rules.units)
         pred = got.answer
         if pred is None:
             return RewardResult(0.0, self.name, reason="no answer found",

@@ -126,6 +126,7 @@ _RELATION_NAMES = {"leq": "\\le ", "geq": "\\ge ", "ne": "\\neq ", "lt": "<", "g
 _RELATIONS = re.compile(r"\\(leqq|geqq|leq|geq|ne|lt|gt)(?![a-zA-Z])")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)[lr]?(?=[(\[|)\]./]|\\[{}|])")
 _DELIMS = re.compile(r"\\[()\[\]]")
+_LEAD_IN = re.compile(r"^\s*(?:\\(?:therefore|Rightarrow|implies|Longrightarrow|rightarrow|to)(?![a-zA-Z])|[∴⇒→]|=>)\s*")
 _WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|mbox|mathrm|mathbf|mathit|mathsf|"
                        r"boldsymbol|bm|emph|boxed|fbox|hbox)\s*\{")
 _SPACING = re.compile(r"(?<!\\)\\[,;:!> ]|\\q?quad\b|~|\\hspace\s*\{[^{}]*\}|\\thinspace\b|\\enspace\b")
@@ -165,6 +166,7 @@ def normalize_answer(s: str) -> str:
     for old, new in _SIMPLE_SUBS:
         s = s.replace(old, new)
     s = _RELATIONS.sub(lambda m: _RELATION_NAMES[m.group(1)], s)
+    s = _LEAD_IN.sub("", s)  # "\therefore x = 4", "\Rightarrow x = 4": the conclusion is x = 4
     s = re.sub(r"(?<=[\w)\]}])\*\*(?=[\w(])", "^", s)  # x**2
     s = re.sub(r"(?<![A-Za-z\\])sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", s)  # sqrt(2)
     s = re.sub(r"(?<![A-Za-z\\])(pi|sqrt)(?![A-Za-z])", r"\\\1 ", s)  # 2pi
@@ -178,6 +180,7 @@ def normalize_answer(s: str) -> str:
     s = _INF_WORDS.sub(r"\\infty", s)
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^[\"“”']+|[\"“”]+$", "", s).strip()
+    s = re.sub(r"^\+\s*(?=[\d.\\(])", "", s)  # a unary plus: "+\infty", "+5"
     s = re.sub(r"(?:(?<=\s)|^)(?:\.{3}|\\ldots|\\dots|\\cdots)$", lambda _: " \\ldots", s)  # keep a trailing ellipsis
     s = re.sub(r"(?<!\.)[.,;:。]+$", "", s).strip() if not s.endswith("\\ldots") else s
     return s
@@ -345,6 +348,7 @@ class _Atom:
     pct: bool = False
     deg: bool = False
     raw: str = ""             # before labels / units were taken off (for the library)
+    unit: str | None = None   # the unit taken off, canonical ("cm", "km/h", "m^2"), when it is a known one
 
 
 @dataclass
@@ -366,6 +370,45 @@ _UNIT_WORDS = re.compile(r"(?:(?<=[\d})!])|(?<=\\pi))\s+(?P<u>(?:[A-Za-z]{2,}\.?
                          r"(?:\s+[A-Za-z]{2,}\.?(?:\^\{?[23]\}?)?)*)\s*$")
 _MATH_WORDS = {"pi", "sqrt", "e", "i", "oo", "inf", "and", "or", "x", "y", "z", "n", "k", "t", "a", "b", "c",
                "d", "r", "p", "q", "u", "v", "w", "f", "mod", "pmod", "bmod", "sin", "cos", "tan", "log", "ln"}
+
+
+# units we know, by canonical name: two answers with different known units differ ("5 m" vs "5 cm");
+# an unknown word ("apples", "units") says nothing
+_UNIT_NAMES = {
+    "mm": "millimeter millimetre", "cm": "centimeter centimetre", "m": "meter metre", "km": "kilometer kilometre",
+    "nm": "nanometer nanometre", "in": "inch inches", "ft": "foot feet", "yd": "yard", "mi": "mile",
+    "mg": "milligram", "g": "gram gm", "kg": "kilogram kilo kgs", "lb": "lbs", "oz": "ounce", "t": "ton tonne",
+    "ms": "millisecond", "s": "sec second secs", "min": "minute mins", "h": "hour hr hrs", "day": "", "week": "wk wks",
+    "month": "", "yr": "year yrs", "ml": "milliliter millilitre", "l": "liter litre", "gal": "gallon",
+    "km/h": "kph kmh kmph", "mph": "mi/h", "m/s": "", "°c": "celsius", "°f": "fahrenheit", "w": "watt", "kw": "kilowatt",
+    "j": "joule", "v": "volt", "a": "amp ampere", "hz": "hertz", "pa": "pascal", "n": "newton", "cal": "calorie",
+    "kcal": "kilocalorie",
+}
+_UNIT_CANON = {alias: canon for canon, names in _UNIT_NAMES.items() for alias in [canon, *names.split()]}
+
+
+def _unit_key(unit: str) -> str | None:
+    """The canonical form of a unit as written after a number ("square centimeters" → "cm^2",
+    "km/hr" → "km/h"), or None for a word we do not know as a unit."""
+    u = re.sub(r"\s+", " ", unit.lower().replace("²", "^2").replace("³", "^3")).strip().rstrip(".")
+    power = ""
+    m = re.match(r"(square|sq\.?|cubic|cu\.?)\s+(.+)$", u)
+    if m:
+        power, u = ("^2" if m.group(1).startswith("s") else "^3"), m.group(2)
+    m = re.search(r"\s*\^\s*\{?\s*([23])\s*\}?$", u)
+    if m:
+        power, u = "^" + m.group(1), u[:m.start()]
+    parts = [p.strip() for p in re.split(r"\s*/\s*|\s+per\s+", u)]
+    if not 1 <= len(parts) <= 2:
+        return None
+    canon = []
+    for p in parts:
+        c = _UNIT_CANON.get(p) or (_UNIT_CANON.get(p[:-1]) if p.endswith("s") and len(p) > 3 else None)
+        if c is None:
+            return None
+        canon.append(c)
+    key = _UNIT_CANON.get("/".join(canon), "/".join(canon)) + power
+    return {"cm^3": "ml", "dm^3": "l"}.get(key, key)
 
 
 def _outer_pair(s: str) -> bool:
@@ -468,15 +511,26 @@ def _reduce_chain(s: str, labelled: bool = False) -> str:
             return s
         k = next(i for i in range(len(values) - 1, -1, -1) if not _closed_numeric(values[i])) + 1
         values, seps, labelled = values[k:], seps[k:], seps[k - 1] == "="
-    exact = ([values[0]] if labelled else []) + [v for v, sep in zip(values[1:], seps) if sep == "="]
+    # exact: a value after "=" or one that is then approximated ("1/3 \\approx 0.33" → 1/3)
+    exact = [v for i, v in enumerate(values) if (i == 0 and labelled) or (i > 0 and seps[i - 1] == "=")
+             or (i < len(seps) and seps[i] == "\\approx")]
     return exact[-1] if exact else values[-1]
+
+
+# a multiple-choice option letter before its value: "(C) 12", "C) 12" (the value is the answer)
+_OPTION = re.compile(r"^\s*(?:\(\s*[A-E]\s*\)|[A-E]\))\s*(?=[-+\d.\\(\[{$])")
 
 
 def _atom(text: str, rules: Rules) -> _Atom:
     raw = text.strip()
     label, s = _split_label(raw)
-    s = _reduce_chain(s, labelled=label is not None)
     pct = deg = False
+    unit = None
+    if rules.units and "=" in s:  # "17 - 12 = 5 years": a known unit after a chain
+        m = _UNIT_WORDS.search(s)
+        if m and _unit_key(m.group("u")):
+            unit, s = _unit_key(m.group("u")), s[:m.start()].strip()
+    s = _reduce_chain(s, labelled=label is not None)
     if rules.units:
         s = _CURRENCY.sub("", s).strip()
     m = _PCT_TAIL.search(s)
@@ -490,18 +544,20 @@ def _atom(text: str, rules: Rules) -> _Atom:
     if rules.units:
         m = _UNIT_WORDS.search(s)
         if m and not (set(re.split(r"[\s/^{}\d.]+", m.group("u").lower())) & _MATH_WORDS) and not re.search(r"[=<>]", s[:m.start()]):
-            unit = m.group("u").lower()
-            deg = deg or unit.startswith("degree")
-            pct = pct or unit in _PCT_WORDS
+            word = m.group("u").lower()
+            deg = deg or word.startswith("degree")
+            pct = pct or word in _PCT_WORDS
+            unit = _unit_key(word)
             s = s[:m.start()].strip()
         m = _UNIT_ATTACHED.search(s)
         if m and not re.search(r"[A-Za-z\\]", s[:m.start()]):  # "12cm" (not "x + 2m")
+            unit = unit or _unit_key(m.group(0))
             s = s[:m.start()].strip()
         m = _PCT_TAIL.search(s)
         if m and m.start() > 0:
             pct, s = True, s[:m.start()].strip()
     s = s.rstrip(".").strip() if not s.endswith("\\ldots") else s
-    return _Atom(s, label, pct, deg, raw)
+    return _Atom(s, label, pct, deg, raw, unit)
 
 
 _PM = re.compile(r"\\(?:pm|mp)")
@@ -519,6 +575,9 @@ def _structure(text: str, rules: Rules, depth: int = 0):
     s = text.strip()
     if depth > 4 or not s:
         return _Atom(s, raw=s)
+    m = _OPTION.match(s)
+    if m and s[m.end():].strip():
+        s = s[m.end():].strip()
     # (p, q) = (3, 2): a tuple of labels assigned a tuple
     m = re.match(r"^\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])+\s*\)\s*=\s*(\(.*\))$", s)
     if m:

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, field
 
 from megatron_ernie.rewards.maths_answers import (_BOX_JOINER, _MAX_ELEMENTS, _PCT_WORDS, _brace_pairs, _key,
-                                                  _split_label, normalize_answer, undouble_backslashes)
+                                                  _split_label, _unit_key, _unwrap, normalize_answer,
+                                                  undouble_backslashes)
 from megatron_ernie.rewards.text import strip_think
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +192,15 @@ _CHECK = re.compile(
 _SETUP = re.compile(
     r"(?i)\?\s*$|\b(?:how many|how much|what is|what are|what was|we need to|we want to|we are asked|"
     r"the question|(?:is|are|was) asked|asks? (?:for|us|how)|we are given|suppose)\b|^\W*let\s+[a-z]\b")
+# the closing lines of a chatty answer: pleasantries and offers ("Hope this helps!", "Feel free to
+# ask about step 2.", "I can also show it for 5 people.") state no result
+_CLOSING = re.compile(
+    r"(?i)^\W*(?:(?:and|also|again|so)\s+)?(?:i\s+hope|hope\s+(?:this|that|it|you)|feel\s+free|let\s+me\s+know|"
+    r"(?:please\s+)?(?:do\s+not|don'?t)\s+hesitate|if\s+you\s+(?:have|need|want|would\s+like|'d\s+like)\s+"
+    r"(?:any|more|further|other|another|me|help|to)\b|would\s+you\s+like|do\s+you\s+want|want\s+me\s+to|shall\s+i|"
+    r"is\s+there\s+anything|(?:i'?m\s+)?(?:happy|glad)\s+to\s+help|glad\s+i\s+could|good\s+luck|"
+    r"have\s+a\s+(?:great|nice|good|wonderful)|thanks?\b|thank\s+you|any\s+(?:other|more|further)\s+questions|"
+    r"i\s+(?:can|could)\s+also)")
 _TICK = re.compile(r"\W*(?:✓|✔|✅|correct|yes|checks out)\W*", re.I)
 _SENT_END = re.compile(r"\.(?=\s|$)|[!?。！？](?=\s|$)|\n\s*\n|\n")
 _LIST_PREFIX = re.compile(r"(?m)^[ \t]*(?:\d{1,2}[.)]|[-*•]|#{1,6}|step\s+\d+\s*[:.)-]?|\(\w\))[ \t]+", re.I)
@@ -200,16 +210,19 @@ def _tokens(skel: str, a: int, b: int):
     return [(m.lastgroup, m.start(), m.end()) for m in _TOK.finditer(skel, a, b)]
 
 
-def _runs(skel: str, a: int, b: int) -> tuple[list[tuple[int, int]], list]:
+def _runs(skel: str, a: int, b: int, units: bool = True) -> tuple[list[tuple[int, int]], list]:
     """Maths runs in skel[a:b] (a run: numbers, delimited maths, operators, LaTeX commands,
-    brackets, and single letters next to an operator or a number) and the token list."""
+    brackets, and single letters next to an operator or a number; with `units`, a known unit word
+    after a number) and the token list."""
     toks = _tokens(skel, a, b)
     runs, i, n = [], 0, len(toks)
     while i < n:
         kind, s, e = toks[i]
         # "AZYUK2A", "it's": part of a word
-        glued = i > 0 and toks[i - 1][2] == s and (toks[i - 1][0] in ("word", "letter") or (
-            skel[toks[i - 1][1]:s] == "'" and i > 1 and toks[i - 2][0] in ("word", "letter")))
+        # (a number right after CJK text is not glued: "小明有4个苹果")
+        glued = i > 0 and toks[i - 1][2] == s and (
+            (toks[i - 1][0] in ("word", "letter") and not _CJK.match(skel, s - 1)) or (
+                skel[toks[i - 1][1]:s] == "'" and i > 1 and toks[i - 2][0] in ("word", "letter")))
         if kind == "word" and skel[s:e].lower() in _FUNC_WORDS:
             kind = "cmd"
         if (glued or kind not in ("ph", "num", "cmd", "letter", "op", "open")
@@ -249,8 +262,10 @@ def _runs(skel: str, a: int, b: int) -> tuple[list[tuple[int, int]], list]:
                 mathy = mathy or text not in _NOT_MATH_CMDS
             elif k == "letter":
                 letters += 1
+                mathy = mathy or text == "π"
             elif k == "op":
                 ops = ops or text not in "'_"
+                mathy = mathy or text == "∞"  # "the sum is ∞" (and "π", a letter, below)
             elif k == "open":
                 depth += 1
             elif k == "close":
@@ -262,6 +277,13 @@ def _runs(skel: str, a: int, b: int) -> tuple[list[tuple[int, int]], list]:
                 pass  # a comma inside brackets, or a ratio 2:3
             elif k == "word" and text.lower() in _PCT_WORDS and last is not None and toks[last][0] in ("num", "sp"):
                 pass
+            elif units and k == "word" and last is not None and toks[last][0] in ("num", "ph") and (
+                    u_end := _prose_unit(skel, ts, b)):
+                # "3 minutes", "12 square feet", "60 miles per hour": a known unit ends the run
+                while j + 1 < n and toks[j + 1][1] < u_end:
+                    j += 1
+                last = j
+                break
             elif k == "sp":
                 j += 1
                 continue
@@ -274,6 +296,26 @@ def _runs(skel: str, a: int, b: int) -> tuple[list[tuple[int, int]], list]:
             runs.append(_trim(skel, s0, e0))
         i = max(j, i + 1)
     return [r for r in runs if r[1] > r[0]], toks
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+_UNIT_PHRASE = re.compile(r"(?:(?:square|sq|cubic|cu)\.?\s+)?[A-Za-z]+(?:\s*(?:/|\bper\b)\s*[A-Za-z]+)?"
+                          r"(?:\s*\^\s*\{?[23]\}?|[²³])?")
+_LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def _prose_unit(skel: str, i: int, end: int) -> int:
+    """End of a known unit written in prose at skel[i] ("minutes", "square feet", "km/h"), or 0.
+    "in" is a preposition here, not inches."""
+    m = _UNIT_PHRASE.match(skel, i, end)
+    w = _LETTERS.match(skel, i, end)
+    if not m or not w:
+        return 0
+    for stop in (m.end(), w.end()):
+        word = skel[i:stop]
+        if word.lower() != "in" and _unit_key(word):
+            return stop
+    return 0
 
 
 def _close_brace(s: str, i: int, end: int) -> int:
@@ -331,11 +373,11 @@ def _sentences(skel: str, a: int, b: int) -> list[tuple[int, int]]:
 _MAX_SENTENCE = 3000  # a longer "sentence" is read at its end (after a phrase: at its start)
 
 
-def _pick(text: str, skel: str, a: int, b: int, phrase: bool) -> list[tuple[int, int]] | None:
+def _pick(text: str, skel: str, a: int, b: int, phrase: bool, units: bool = True) -> list[tuple[int, int]] | None:
     """The maths a sentence (skel[a:b]) commits to. phrase=True: the text after "the answer is"."""
     if b - a > _MAX_SENTENCE:
         a, b = (a, a + _MAX_SENTENCE) if phrase else (b - _MAX_SENTENCE, b)
-    runs, toks = _runs(skel, a, b)
+    runs, toks = _runs(skel, a, b, units)
     if not runs:
         return None
     # runs joined by ",", "and", "or", ";" are one list answer ("2 and 3", "x = 1, y = 2")
@@ -348,8 +390,11 @@ def _pick(text: str, skel: str, a: int, b: int, phrase: bool) -> list[tuple[int,
         return label is not None and "=" not in rest
 
     joined = [list(runs[0])]
+    last_ok = len(runs) > 1 and joinable(runs[0])  # a group joins on while its items are list items
     for s, e in runs[1:]:
-        if not (joinable(joined[-1]) and joinable((s, e))):
+        ok, prev_ok = joinable((s, e)), last_ok
+        last_ok = ok
+        if not (prev_ok and ok):
             joined.append([s, e])
             continue
         gap = skel[joined[-1][1]:s]
@@ -440,13 +485,17 @@ def _pick(text: str, skel: str, a: int, b: int, phrase: bool) -> list[tuple[int,
     # "probably 2, but it might be 3": a hedge between values is all of them (a list: never one number)
     if _HEDGE.search(text[a:b]):
         offered = [best_in(c) for c in sorted({x[0] for x in cands if not x[2]})][:_MAX_ELEMENTS]
+        for h in _HEDGE.finditer(text, a, b):  # "7 (or maybe 8)": the value right after a hedge word too
+            nxt = next((r for r in by_clause.get(clause_of(h.end()), []) if r[0] >= h.end()), None)
+            if nxt and nxt not in offered and len(offered) < _MAX_ELEMENTS:
+                offered.append(nxt)
         if len({_key(text[r[0]:r[1]]) for r in offered}) > 1:
             return offered
     return [choice]
 
 
 def _span_text(text: str, spans: list[tuple[int, int]]) -> str:
-    return ", ".join(text[a:b].strip() for a, b in spans)
+    return ", ".join(_BOLD.sub("", text[a:b]).strip() for a, b in spans)  # "**64** cubic cm"
 
 
 _PHRASES = [
@@ -470,7 +519,7 @@ def _last_phrase(text: str):
     return best
 
 
-def _phrase_answer(text: str, skel: str, m) -> tuple[str | None, str]:
+def _phrase_answer(text: str, skel: str, m, units: bool = True) -> tuple[str | None, str]:
     """(the committed maths after the phrase, or None; the plain phrase text up to its sentence end)."""
     a = m.end()
     while a < len(skel) and (skel[a].isspace() or skel[a] in ":：*"):
@@ -480,7 +529,7 @@ def _phrase_answer(text: str, skel: str, m) -> tuple[str | None, str]:
         return None, ""
     s, e = sents[0]
     plain = text[s:e].strip().strip("*").strip()
-    got = _pick(text, skel, s, e, phrase=True)
+    got = _pick(text, skel, s, e, phrase=True, units=units)
     return (_span_text(text, got) if got else None), plain
 
 
@@ -492,24 +541,53 @@ def extract_answer_phrase(text: str) -> str | None:
     if m is None:
         return None
     skel, _ = _skeleton(text)
-    got, plain = _phrase_answer(text, skel, m)
+    got, plain = _phrase_answer(text, skel, m, units=False)
     return got or plain or None
 
 
-def _last_line_answer(text: str, skel: str, a: int = 0) -> str | None:
-    """The last sentence that states a result (not a check, a note or a restated question), and
-    in it the maths its main clause commits to."""
+# a sentence that takes the answer back: "Wait, that's wrong", "Oops, I made a mistake", "Correction:"
+_RETRACT = re.compile(
+    r"(?i)\W*(?:(?:wait|hmm+|oh|oops|no|actually|but|sorry)\b[\s,.!—–-]*)*(?:(?:that|this|it)(?:'s|\s+is|\s+was)\s+"
+    r"(?:wrong|incorrect|not\s+(?:right|correct))\b|i\s+made\s+an?\s+(?:\w+\s+)?(?:mistake|error)\b|my\s+mistake\b|"
+    r"i\s+miscalculated\b|correction\s*:|let\s+me\s+(?:redo|recompute|recalculate|correct)\b)")
+
+
+def _retraction(skel: str, a: int) -> int | None:
+    """Start of the first sentence after skel[a] that retracts what came before, or None."""
+    for s, e in _sentences(skel, a, len(skel)):
+        if _RETRACT.match(skel, s, e):
+            return s
+    return None
+
+
+def _last_line_answer(text: str, skel: str, a: int = 0, units: bool = True) -> str | None:
+    """The last sentence that states a result (not a check, a note, a restated question, a
+    question or a closing pleasantry), and in it the maths its main clause commits to."""
     sents = _sentences(skel, a, len(skel))
     ticked = False  # "… = 14. ✓": a sentence followed by a lone tick was a check
     for s, e in reversed(sents):
         sentence = text[s:e]
         was_ticked, ticked = ticked, bool(_TICK.fullmatch(sentence))
-        if ticked or was_ticked or _CHECK.search(sentence) or _SETUP.search(sentence):
-            continue
-        got = _pick(text, skel, s, e, phrase=False)
+        if (ticked or was_ticked or _CHECK.search(sentence) or _SETUP.search(sentence)
+                or _CLOSING.search(sentence) or text[e:e + 1] in ("?", "？")):
+            continue  # a check, a restated question, a pleasantry, a question
+        got = _pick(text, skel, s, e, phrase=False, units=units)
         if got:
             return _span_text(text, got)
     return None
+
+
+def _box_answer(content: str) -> str:
+    """A box that holds a sentence (`\\boxed{\\text{The answer is } 4}`): what its answer phrase
+    commits to."""
+    if not re.search(r"(?i)answer|答案", content):
+        return content
+    inner = _unwrap(content)
+    m = _last_phrase(inner)
+    if m is None:
+        return content
+    got, _ = _phrase_answer(inner, _skeleton(inner)[0], m)
+    return got or content
 
 
 @dataclass
@@ -520,26 +598,32 @@ class Extraction:
     boxes: int = 0                 # how many of them the answer is made of
 
 
-def extract(response: str, *, think: bool = True, fallback: str = "last_line") -> Extraction:
-    """The final answer a response commits to (see the module docstring)."""
+def extract(response: str, *, think: bool = True, fallback: str = "last_line", units: bool = True) -> Extraction:
+    """The final answer a response commits to (see the module docstring); `units`: a known unit
+    after a number in prose is part of the answer ("3 minutes"), so that it can be compared."""
     text = _answer_part(response, think)
     group, every = _final_boxes(text)
+    group = [_box_answer(g) for g in group]
     if group:
         return Extraction(", ".join(group), "boxed" if len(group) == 1 else "boxes", every, len(group))
     text = _LIST_PREFIX.sub(lambda m: " " * len(m.group(0)), text)
     skel, _ = _skeleton(text)
     m = _last_phrase(text)
     if m is not None:
-        got, plain = _phrase_answer(text, skel, m)
+        retracted = _retraction(skel, m.end())
+        if retracted is not None:  # "The answer is 16. Wait, that's wrong: … it should be 15."
+            later = _last_line_answer(text, skel, retracted, units) if fallback == "last_line" else None
+            return Extraction(later, "last_line") if later else Extraction(None, "none")
+        got, plain = _phrase_answer(text, skel, m, units)
         if got:
             return Extraction(got, "phrase")
-        later = _last_line_answer(text, skel, m.end()) if fallback == "last_line" else None
+        later = _last_line_answer(text, skel, m.end(), units) if fallback == "last_line" else None
         if later:
             return Extraction(later, "phrase")
         if plain:
             return Extraction(plain, "phrase")
     if fallback == "last_line":
-        got = _last_line_answer(text, skel)
+        got = _last_line_answer(text, skel, units=units)
         if got:
             return Extraction(got, "last_line")
         bare = text.strip()
@@ -550,11 +634,12 @@ def extract(response: str, *, think: bool = True, fallback: str = "last_line") -
 
 def extract_answer(response: str) -> str | None:
     """The final answer in a response (its `<think>` block is not looked at): the last boxed
-    answer, else the last answer phrase, else the last stated result."""
-    return extract(response).answer
+    answer, else the last answer phrase, else the last stated result (a unit word after it in
+    prose is left out: "3 minutes" → "3")."""
+    return extract(response, units=False).answer
 
 
-def reference_answer(reference: str) -> str:
+def reference_answer(reference: str, units: bool = True) -> str:
     """A reference may itself be a worked solution: its boxed answer(s), GSM8K's `#### 72`, or —
     for prose — the answer it states; else the reference as it is."""
     reference = undouble_backslashes(str(reference))
@@ -566,7 +651,7 @@ def reference_answer(reference: str) -> str:
     ref = reference.strip()
     if _last_phrase(ref) is not None or len(re.findall(
             r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+(?:\{[^{}]*\})?", "", ref))) >= 6:
-        got = extract(ref, think=False).answer  # a worked solution in prose
+        got = extract(ref, think=False, units=units).answer  # a worked solution in prose
         if got:
             return got
     return ref

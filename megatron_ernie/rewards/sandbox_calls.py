@@ -6,312 +6,52 @@ children, and read or write every descriptor and byte of its own process. So eac
 runs in two processes (`sandbox_runner` forks both):
 
     candidate  (the program's uid)  runs the program as module `solution`, then serves calls
-    evaluator  (another uid)        runs the test code; every name the program defined is a
-                                    proxy whose calls cross to the candidate and back
+    evaluator  (another uid)        runs the test code; every name of the program the test uses
+                                    is a proxy whose calls cross to the candidate and back
 
-Only **plain data** crosses, in both directions: `None`, `bool`, `int`, `float`, `complex`, `str`,
-`bytes`, `bytearray`, `list`, `tuple`, `dict`, `set`, `frozenset`, `range`, `collections.deque`,
-`fractions.Fraction`, `decimal.Decimal` — a tag byte and a payload each, rebuilt on the other side
-as those exact built-in types, so a subclass or a lying object arrives as the honest value it claims
-to hold, or not at all. Anything else the program returns (an instance of its own class, a
-generator) stays in the candidate and arrives as a `ProgramObject` handle: its attributes, items,
-calls, length, truthiness, text and iteration cross as plain data; comparing it (`==`, `<`, ...)
-is refused, so its class's equality is never consulted, and `in` iterates it. Every comparison
-of the test (`==`, `<`, `in`, `abs(a - b) < eps`, `math.isclose`, loops of cases) therefore
-runs in the evaluator over trusted values, with the evaluator's own, unpatched modules and
-builtins. Names of the program that shadow a builtin (`abs`, `len`, `sorted`) do not shadow it in
-the test (the test can still ask for them: `from solution import abs`); modules the program
-imported are the evaluator's own copies. The verdict goes from the evaluator to the supervisor on
-a pipe the candidate never holds, and the test code (with its expected values) never enters the
-candidate's memory.
+Only plain data crosses (`sandbox_codec`), rebuilt on the other side as exact built-in (or
+honest standard-library) types: a subclass or a lying object arrives as the honest value it
+holds, or not at all. What is not plain stays where it is, as a handle:
 
-Why a codec of our own: `pickle` runs code and `marshal` builds code objects and is documented
-unsafe on hostile input; `json` has no tuples, sets, bytes or non-string keys and its import
-(with `re`) costs ~11 ms of CPU per sandboxed program. The codec is ~150 lines: bounds-checked
-lengths, a nesting limit, exact types out, nothing rebuilt but these values.
+* the program's objects (an instance of its class, a generator) are `ProgramObject`s in the
+  test: attributes, items, calls, `len`, truthiness, text, iteration and `with` cross as plain
+  data; comparing one to anything but itself (`==`, `<`, ...) and arithmetic on it are refused —
+  its class's methods are never consulted for a verdict — and `in` iterates it;
+* the test's objects (its functions, its `ListNode`s, its generators) are proxies in the program:
+  the program's calls, attribute and item accesses on them run back in the evaluator, with plain
+  data (never a private attribute: nothing of the evaluator's internals is reachable).
+
+So every comparison of the test (`==`, `<`, `in`, `abs(a - b) < eps`, `math.isclose`, loops of
+cases) runs in the evaluator over trusted values, with its own unpatched modules and builtins.
+A program's names that shadow a builtin do not shadow it in the test (`from solution import abs`
+asks for them); names used as modules (`math.isclose`) are the standard library's; a program's
+`from math import isclose` is the evaluator's own `isclose` when vetted (`_EXTERNALS`). A refusal
+(a comparison, an argument that cannot cross, a private attribute) fails the test even if the
+test catches it, as does a failed assertion inside a test function the program was given. The
+evaluator compiles no text but the test's own (`_guard_evaluator`): a test that `eval`s the
+program's output would otherwise run the program's code beside the verdict. The verdict goes
+from the evaluator to the supervisor on a pipe the candidate never holds, and the test code
+(with its expected values) never enters the candidate's memory.
 """
 import builtins
 import os
-import struct
 import sys
 import types
 
-MAX_DEPTH = 120                     # nesting of values, both ways
-_MAX_INT_BYTES = 1 << 20            # 2.5 million decimal digits
+try:  # inside the sandbox: a top-level module beside this one (see sandbox_runner.command)
+    import sandbox_codec as codec
+except ImportError:  # imported as part of the package (tests, tools)
+    from megatron_ernie.rewards import sandbox_codec as codec
+
+Ref, TestRef, NotPlain, as_builtin, encode, decode = codec.Ref, codec.TestRef, codec.NotPlain, codec.as_builtin, \
+    codec.encode, codec.decode
 _BUILTIN_NAMES = frozenset(vars(builtins))
-# never imported for a program: side effects, or objects made to compare equal to anything
+# never imported for a program: side effects, `__main__` scripts, or objects equal to anything
 _UNIMPORTABLE = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser",
-                           "unittest", "doctest", "ctypes", "pdb"})
-_F64 = struct.Struct(">d")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain data: a tag byte, then the payload (4-byte big-endian lengths and counts)
-# ---------------------------------------------------------------------------------------------
-
-class NotPlain(TypeError):
-    """A value that cannot cross between the processes."""
-
-
-class Ref:
-    """What `encode`'s fallback returns for an object that stays where it is: a handle number."""
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-
-class Callback(Ref):
-    """A function of the test passed to the program (a `key=`, a callback, a decorated function):
-    it stays in the evaluator, and the program's calls to it cross back as plain data."""
-    __slots__ = ()
-
-
-_SEQ_TAGS = {list: b"l", tuple: b"t", set: b"S", frozenset: b"z"}
-_SEQ_TYPES = {ord("l"): list, ord("t"): tuple, ord("S"): set, ord("z"): frozenset}
-
-
-def encode(v, other) -> bytes:
-    """`v` as bytes. Exact built-in types only; `other(v)` decides about anything else: a `Ref`
-    (the candidate keeps the object and sends a handle), a plain value to send instead, or an
-    exception (the evaluator sends nothing but plain data)."""
-    out = bytearray()
-    _put(out, v, other, 0)
-    return bytes(out)
-
-
-def _put(out: bytearray, v, other, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise NotPlain("value nested too deeply")
-    t = type(v)
-    if v is None:
-        out += b"N"
-    elif t is bool:
-        out += b"T" if v else b"F"
-    elif t is int:
-        _blob(out, b"i", v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True))
-    elif t is float:
-        out += b"f" + _F64.pack(v)
-    elif t is str:
-        _blob(out, b"s", v.encode("utf-8", "surrogatepass"))
-    elif t is bytes or t is bytearray:
-        _blob(out, b"b" if t is bytes else b"B", v)
-    elif t is complex:
-        out += b"c" + _F64.pack(v.real) + _F64.pack(v.imag)
-    elif t in _SEQ_TAGS:
-        out += _SEQ_TAGS[t] + len(v).to_bytes(4, "big")
-        for x in v:
-            _put(out, x, other, depth + 1)
-    elif t is dict:
-        out += b"d" + len(v).to_bytes(4, "big")
-        for k, x in v.items():
-            _put(out, k, other, depth + 1)
-            _put(out, x, other, depth + 1)
-    elif t is Ref or t is Callback:
-        out += (b"R" if t is Ref else b"C") + v.n.to_bytes(4, "big")
-    elif t is range:
-        out += b"r"
-        for x in (v.start, v.stop, v.step):
-            _put(out, x, other, depth + 1)
-    elif isinstance(v, tuple) and type(getattr(t, "_fields", None)) is tuple and len(t._fields) == len(v):
-        # a namedtuple: its fields' names travel, and the evaluator makes a namedtuple of its own
-        out += b"n"
-        _put(out, t.__name__, other, depth + 1)
-        _put(out, tuple(str(f) for f in t._fields), other, depth + 1)
-        _put(out, tuple(tuple.__iter__(v)), other, depth + 1)
-    elif (t.__module__, t.__qualname__) in _DICT_KINDS and t is _loaded(*_DICT_KINDS[(t.__module__, t.__qualname__)]):
-        out += _DICT_TAGS[t.__qualname__]
-        _put(out, list(dict.items(v)), other, depth + 1)
-    elif (t.__module__, t.__qualname__) == ("collections", "deque") and t is _loaded("collections", "deque"):
-        out += b"q"
-        _put(out, v.maxlen, other, depth + 1)
-        _put(out, list(v), other, depth + 1)
-    elif (t.__module__, t.__qualname__) == ("fractions", "Fraction") and t is _loaded("fractions", "Fraction"):
-        out += b"Q"
-        _put(out, v.numerator, other, depth + 1)
-        _put(out, v.denominator, other, depth + 1)
-    elif (t.__module__, t.__qualname__) == ("decimal", "Decimal") and t is _loaded("decimal", "Decimal"):
-        out += b"D"
-        _put(out, str(v), other, depth + 1)
-    else:
-        alt = other(v)
-        if type(alt) is Ref or type(alt) is Callback:
-            _put(out, alt, other, depth)
-        else:
-            _put(out, alt, other, depth + 1)
-
-
-_DICT_KINDS = {("collections", "Counter"): ("collections", "Counter"),
-               ("collections", "OrderedDict"): ("collections", "OrderedDict")}
-_DICT_TAGS = {"Counter": b"K", "OrderedDict": b"O"}
-
-
-def _loaded(module: str, name: str):
-    """The class `module.name` if that module is loaded (a program that never imported
-    `fractions` has no Fraction to send, and the candidate should not import it for nothing)."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-def _blob(out: bytearray, tag: bytes, data) -> None:
-    out += tag + len(data).to_bytes(4, "big")
-    out += data
-
-
-def decode(data: bytes, handle, callback=None):
-    """Bytes (untrusted) back into exact built-in values; `handle(n)` / `callback(n)` make the
-    value for a handle / a callback (refused where None). Raises ValueError / TypeError /
-    ArithmeticError on anything malformed."""
-    r = _Reader(data, handle, callback)
-    v = r.value(0)
-    if r.pos != len(data):
-        raise ValueError("trailing bytes after the value")
-    return v
-
-
-class _Reader:
-    __slots__ = ("data", "pos", "handle", "callback")
-
-    def __init__(self, data: bytes, handle, callback):
-        self.data, self.pos, self.handle, self.callback = data, 0, handle, callback
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise ValueError("truncated value")
-        chunk, self.pos = self.data[self.pos:end], end
-        return chunk
-
-    def count(self) -> int:
-        """A length or a count: never more than the bytes left (every item takes at least one)."""
-        n = int.from_bytes(self.take(4), "big")
-        if n > len(self.data) - self.pos:
-            raise ValueError("length beyond the end of the message")
-        return n
-
-    def typed(self, depth: int, *types):
-        v = self.value(depth + 1)
-        if type(v) not in types:
-            raise ValueError(f"expected {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}")
-        return v
-
-    def value(self, depth: int):
-        if depth > MAX_DEPTH:
-            raise ValueError("value nested too deeply")
-        tag = self.take(1)[0]
-        if tag == 78:  # N
-            return None
-        if tag == 84 or tag == 70:  # T F
-            return tag == 84
-        if tag == 105:  # i
-            n = self.count()
-            if n > _MAX_INT_BYTES:
-                raise ValueError("integer too large")
-            return int.from_bytes(self.take(n), "big", signed=True)
-        if tag == 102:  # f
-            return _F64.unpack(self.take(8))[0]
-        if tag == 115:  # s
-            return self.take(self.count()).decode("utf-8", "surrogatepass")
-        if tag == 98 or tag == 66:  # b B
-            raw = self.take(self.count())
-            return raw if tag == 98 else bytearray(raw)
-        if tag == 99:  # c
-            return complex(_F64.unpack(self.take(8))[0], _F64.unpack(self.take(8))[0])
-        if tag in _SEQ_TYPES:
-            n = self.count()
-            return _SEQ_TYPES[tag]([self.value(depth + 1) for _ in range(n)])
-        if tag == 100:  # d
-            n = self.count()
-            out = {}
-            for _ in range(n):
-                k = self.value(depth + 1)
-                out[k] = self.value(depth + 1)
-            return out
-        if tag == 114:  # r
-            return range(self.typed(depth, int), self.typed(depth, int), self.typed(depth, int))
-        if tag == 113:  # q
-            import collections
-            maxlen = self.typed(depth, int, type(None))
-            return collections.deque(self.typed(depth, list), maxlen)
-        if tag == 110:  # n
-            name, fields, values = self.typed(depth, str), self.typed(depth, tuple), self.typed(depth, tuple)
-            if len(fields) != len(values) or not all(type(f) is str for f in fields):
-                raise ValueError("malformed namedtuple")
-            return _namedtuple(name, fields)._make(values)
-        if tag == 75 or tag == 79:  # K O
-            import collections
-            pairs = self.typed(depth, list)
-            if not all(type(p) is tuple and len(p) == 2 for p in pairs):
-                raise ValueError("malformed mapping")
-            return collections.Counter(dict(pairs)) if tag == 75 else collections.OrderedDict(pairs)
-        if tag == 81:  # Q
-            import fractions
-            return fractions.Fraction(self.typed(depth, int), self.typed(depth, int))
-        if tag == 68:  # D
-            import decimal
-            return decimal.Decimal(self.typed(depth, str))
-        if tag == 82:  # R
-            return self.handle(int.from_bytes(self.take(4), "big"))
-        if tag == 67 and self.callback is not None:  # C
-            return self.callback(int.from_bytes(self.take(4), "big"))
-        raise ValueError(f"unknown tag {tag}")
-
-
-def _namedtuple(name: str, fields: tuple):
-    """The evaluator's own namedtuple class for these names (namedtuple checks they are
-    identifiers), one per (name, fields)."""
-    key = (name, fields)
-    if key not in _NAMEDTUPLES:
-        import collections
-        if len(_NAMEDTUPLES) > 256 or len(fields) > 256:
-            raise ValueError("too many namedtuple shapes")
-        _NAMEDTUPLES[key] = collections.namedtuple(name, fields)
-    return _NAMEDTUPLES[key]
-
-
-_NAMEDTUPLES: dict = {}
-
-
-def as_builtin(v):
-    """The plain value a subclass of a built-in type holds (a namedtuple's tuple, a Counter's
-    dict, an IntEnum's int), read through the built-in type's own methods; None if it holds
-    none. Candidate side: for honest programs only; a lying program can send anything anyway."""
-    for base, read in ((int, int.__int__), (float, float.__float__), (str, str.__str__),
-                       (tuple, lambda x: tuple(tuple.__iter__(x))), (list, lambda x: list(list.__iter__(x))),
-                       (dict, lambda x: dict(dict.items(x))), (frozenset, lambda x: frozenset(frozenset.__iter__(x))),
-                       (set, lambda x: set(set.__iter__(x))), (bytes, bytes.__bytes__),
-                       (bytearray, lambda x: bytearray(memoryview(x))), (complex, complex.__complex__)):
-        if isinstance(v, base) and type(v) is not bool:
-            return read(v)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Frames: 4-byte length + an encoded value
-# ---------------------------------------------------------------------------------------------
-
-def send(fd: int, obj, other, _write=os.write) -> None:
-    data = encode(obj, other)
-    view = memoryview(len(data).to_bytes(4, "big") + data)
-    while view:
-        view = view[_write(fd, view):]
-
-
-def recv(fd: int, max_bytes: int, handle, callback=None, _read=os.read):
-    """One frame, decoded; EOFError when the other side is gone, ValueError on an oversized one."""
-    n = int.from_bytes(_read_exactly(fd, 4, _read), "big")
-    if n > max_bytes:
-        raise ValueError(f"message of {n} bytes exceeds {max_bytes}")
-    return decode(_read_exactly(fd, n, _read), handle, callback)
-
-
-def _read_exactly(fd: int, n: int, _read) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = _read(fd, min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("closed")
-        buf += chunk
-    return bytes(buf)
+                           "unittest", "doctest", "ctypes", "pdb", "venv", "lib2to3", "ensurepip", "site", "runpy"})
+_METADATA = frozenset({"__name__", "__qualname__", "__doc__", "__module__"})  # readable on the test's objects
+_FUTURE_ANNOTATIONS = 0x1000000  # `from __future__ import annotations`: LeetCode-style `-> List[int]`
+_MUTABLE = (list, dict, set, bytearray)
 
 
 def classify(e) -> tuple:
@@ -339,30 +79,119 @@ def classify(e) -> tuple:
     return f"runtime error: {name}", f"{msg[:300]} (line {line})"
 
 
+def _builtin_base(e) -> str:
+    for k in (e if isinstance(e, type) else type(e)).__mro__:
+        if getattr(builtins, getattr(k, "__name__", ""), None) is k:
+            return k.__name__
+    return "Exception"
+
+
+_EXCEPTION_CLASSES: dict = {}  # the program's exception classes, as classes of the evaluator's own
+
+
+def exception_class(name: str, base: str) -> type:
+    """The evaluator's class standing for the program's exception class `name` (a subclass of the
+    built-in `base`): what `except InsufficientFunds` in the test catches when the program raises
+    one. A trivial class of our own: nothing of the program's class comes with it."""
+    cls = getattr(builtins, base, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) or issubclass(cls, (StopIteration, StopAsyncIteration)):
+        cls = Exception
+    if name not in _EXCEPTION_CLASSES or not issubclass(_EXCEPTION_CLASSES[name], cls):
+        _EXCEPTION_CLASSES[name] = type(name, (cls,), {"__module__": "solution"})
+    return _EXCEPTION_CLASSES[name]
+
+
+def rebuild_exception(name, base, text, args, attrs):
+    """An exception described as plain data, rebuilt as a trusted one: its built-in base class
+    (so `except ValueError` works), under its own class name, with its args and plain public
+    attributes. StopIteration never comes back as itself: raised by a called function it would
+    silently end a `map()` or generator of the receiver (PEP 479 does the same in generators)."""
+    if type(name) is not str or type(base) is not str or type(text) is not str:
+        return RuntimeError("an exception that could not be described")
+    name, text = name[:100], text[:1000]
+    if base == "SystemExit":
+        return SystemExit(*(args if type(args) is tuple and len(args) <= 1 else ()))
+    cls = getattr(builtins, base, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = Exception
+    if issubclass(cls, (StopIteration, StopAsyncIteration)):
+        return RuntimeError(f"{name} raised by the other side: {text}")
+    if name in _EXCEPTION_CLASSES and issubclass(_EXCEPTION_CLASSES[name], cls):
+        cls = _EXCEPTION_CLASSES[name]
+    elif name != cls.__name__ and name.isidentifier():
+        cls = type(name, (cls,), {"__module__": "solution"})
+    try:
+        e = cls(*args) if type(args) is tuple else cls(text)
+    except BaseException:  # noqa: BLE001 - e.g. UnicodeDecodeError needs five arguments
+        e = RuntimeError(f"{name}: {text}")
+    for k, v in (attrs.items() if type(attrs) is dict else ()):
+        if type(k) is str and k.isidentifier() and not k.startswith("_"):
+            try:
+                setattr(e, k, v)
+            except BaseException:  # noqa: BLE001
+                pass
+    return e
+
+
+def describe(e, plain) -> tuple:
+    """An exception as plain data: ("err", name, base, text, args, attrs, token)."""
+    try:
+        text = str(e)[:1000]
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        text = "?"
+    args = e.args if type(getattr(e, "args", None)) is tuple else None
+    attrs = {k: v for k, v in getattr(e, "__dict__", {}).items() if type(k) is str and not k.startswith("_")}
+    if args is not None and not plain(args):
+        args = None
+    attrs = {k: v for k, v in attrs.items() if plain(v)}
+    return ("err", type(e).__name__[:100], _builtin_base(e), text, args, attrs, getattr(e, "_sandbox_token", None))
+
+
 # ---------------------------------------------------------------------------------------------
 # Candidate side: run the program, then serve the evaluator's calls
 # ---------------------------------------------------------------------------------------------
 
 def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=None) -> None:
-    """Run `program` as module `solution`, send its names, then answer requests until told to
-    stop; `before_run()` is called just before the program starts. Never returns. Everything
-    used after the program starts is bound here first, so a program that patches modules can at
-    worst break its own answers."""
-    _exit, _send, _recv, _classify, _as_builtin = os._exit, send, recv, classify, as_builtin
-    _Base, _SystemExit, _StopIteration, _type, _str, _getattr = BaseException, SystemExit, StopIteration, type, str, getattr
-    _setattr, _delattr, _iter, _next, _len, _bool, _repr, _Ref = setattr, delattr, iter, next, len, bool, repr, Ref
+    """Run `program` as module `solution`, send the names the test asked for, then answer
+    requests until told to stop; `before_run()` is called just before the program starts. Never
+    returns. Everything used after the program starts is bound here first, so a program that
+    patches modules can at worst break its own answers."""
+    _exit, _send, _recv, _classify, _as_builtin, _describe = os._exit, codec.send, codec.recv, classify, \
+        as_builtin, describe
+    _Base, _SystemExit, _StopIteration, _type, _str, _getattr, _id = BaseException, SystemExit, StopIteration, type, \
+        str, getattr, id
+    _setattr, _delattr, _iter, _next, _len, _bool, _repr = setattr, delattr, iter, next, len, bool, repr
     _flush = [sys.stdout.flush, sys.stderr.flush]
     handles: list = []
+    handle_of: dict = {}
 
     def to_handle(v):
+        if _type(v) is TestObject:
+            return TestRef(v.n)
         plain = _as_builtin(v)
         if plain is not None:
             return plain
-        handles.append(v)
-        return _Ref(len(handles) - 1)
+        n = handle_of.get(_id(v))
+        if n is None or handles[n] is not v:  # one handle per object: identity survives the trip
+            n = handle_of[_id(v)] = len(handles)
+            handles.append(v)
+        return Ref(n)
+
+    def is_plain(v) -> bool:
+        try:
+            codec.encode(v, _no_handles)
+            return True
+        except _Base:  # noqa: BLE001
+            return False
 
     def reply(msg) -> None:
         _send(replies, msg, to_handle)
+
+    def receive():
+        try:
+            return _recv(requests, 1 << 30, handles.__getitem__, test_object)
+        except _Base:  # noqa: BLE001 - the evaluator is gone
+            finish(0)
 
     def finish(code: int):
         for f in _flush:
@@ -372,8 +201,84 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
                 pass
         _exit(code)
 
+    class TestObject:
+        """An object of the test (a function, a ListNode, a generator): every use asks the
+        evaluator, serving any calls it makes back into the program meanwhile."""
+        __slots__ = ("n",)
+
+        def __init__(self, n):
+            object.__setattr__(self, "n", n)
+
+        def __getattribute__(self, name):
+            if name in _METADATA:  # the test function's own name and doc, not this class's
+                return object.__getattribute__(self, "_ask")("getattr", name)
+            return object.__getattribute__(self, name)
+
+        def _ask(self, op, *args):
+            reply(("test", op, object.__getattribute__(self, "n"), *args))
+            while True:
+                msg = receive()
+                if msg[0] == "returned":
+                    return msg[1]
+                if msg[0] == "stop":
+                    raise _StopIteration
+                if msg[0] == "raised":
+                    e = rebuild_exception(*msg[1:5], {})
+                    try:
+                        e._sandbox_token = msg[5]  # the evaluator re-raises its own exception
+                    except _Base:  # noqa: BLE001
+                        pass
+                    raise e
+                answer(msg)
+
+        def __call__(self, *args, **kwargs):
+            return self._ask("call", list(args), dict(kwargs))
+
+        def __getattr__(self, name):
+            return self._ask("getattr", name)
+
+        def __setattr__(self, name, value):
+            self._ask("setattr", name, value)
+
+        def __delattr__(self, name):
+            self._ask("delattr", name)
+
+        def __getitem__(self, key):
+            return self._ask("getitem", key)
+
+        def __setitem__(self, key, value):
+            self._ask("setitem", key, value)
+
+        def __delitem__(self, key):
+            self._ask("delitem", key)
+
+        def __len__(self):
+            return self._ask("len")
+
+        def __bool__(self):
+            return self._ask("bool")
+
+        def __str__(self):
+            return self._ask("str")
+
+        def __repr__(self):
+            return self._ask("repr")
+
+        def __iter__(self):
+            return self._ask("iter")
+
+        def __next__(self):
+            return self._ask("next")
+
+    test_objects: dict = {}
+
+    def test_object(n):
+        if n not in test_objects:
+            test_objects[n] = TestObject(n)
+        return test_objects[n]
+
     try:
-        code = compile(program, "<solution>", "exec", dont_inherit=True, optimize=0)
+        code = compile(program, "<solution>", "exec", _FUTURE_ANNOTATIONS, dont_inherit=True, optimize=0)
     except _Base as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), MemoryError...
         reply(("load_error", *_classify(e)))
         finish(1)
@@ -390,26 +295,19 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
     except _Base as e:  # noqa: BLE001
         reply(("load_error", *_classify(e)))
         finish(1)
-    reply(("ready", _catalog(module.__dict__, to_handle, max_bytes)))
+    asked = receive()  # the evaluator's first message: ("names", [names the test uses] or None for all)
+    wanted = asked[1] if _type(asked) is tuple and len(asked) == 2 and asked[0] == "names" else []
+    reply(("ready", _catalog(module.__dict__, wanted, to_handle, max_bytes)))
 
-    def base_exception_name(e) -> str:
-        for k in _type(e).__mro__:
-            if _getattr(builtins, _getattr(k, "__name__", ""), None) is k:
-                return k.__name__
-        return "Exception"
-
-    def describe(e) -> tuple:
+    def call(obj, args, kwargs, capture):
+        if not capture:
+            return obj(*args, **kwargs), ""
+        tee = _Tee(sys.stdout)
+        sys.stdout = tee
         try:
-            text = _str(e)[:1000]
-        except _Base:  # noqa: BLE001
-            text = "?"
-        return "err", _type(e).__name__[:100], base_exception_name(e), text
-
-    def receive():
-        try:
-            return _recv(requests, 1 << 30, handles.__getitem__, TestFunction)
-        except _Base:  # noqa: BLE001 - the evaluator is gone
-            finish(0)
+            return obj(*args, **kwargs), tee.text()
+        finally:
+            sys.stdout = tee.real
 
     def answer(msg) -> None:
         """Serve one request of the evaluator."""
@@ -420,7 +318,8 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
             obj = handles[msg[1]]
             if op == "call":
                 args, kwargs = msg[2], msg[3]
-                out = ("ok", obj(*args, **kwargs), [args[i] for i in msg[4]], [kwargs[k] for k in msg[5]])
+                result, printed = call(obj, args, kwargs, msg[6])
+                out = ("ok", result, [args[i] for i in msg[4]], [kwargs[k] for k in msg[5]], printed)
             elif op == "getattr":
                 out = ("ok", _getattr(obj, msg[2]))
             elif op == "setattr":
@@ -436,58 +335,74 @@ def serve(program: str, requests: int, replies: int, max_bytes: int, before_run=
                 del obj[msg[2]]
                 out = ("ok", None)
             elif op == "iter":
-                out = ("ok", _Ref(len(handles)))
-                handles.append(_iter(obj))
+                out = ("ok", _iter(obj))
             elif op == "next":
-                items, done = [], False
-                for _ in range(msg[2]):
-                    try:
-                        items.append(_next(obj))
-                    except _StopIteration:
-                        done = True
-                        break
-                out = ("ok", (items, done))
+                out = ("ok", _next_batch(obj, msg[2]))
+            elif op == "enter":
+                out = ("ok", obj.__enter__())
+            elif op == "exit_cm":
+                obj.__exit__(None, None, None)
+                out = ("ok", None)
             elif op in ("len", "bool", "str", "repr"):
                 out = ("ok", {"len": _len, "bool": _bool, "str": _str, "repr": _repr}[op](obj))
             else:
-                out = ("err", "TypeError", "TypeError", f"unknown request {op!r}")
-        except _SystemExit:
-            out = ("exit",)
-        except _Base as e:  # noqa: BLE001 - the program's exception, described as plain data
-            out = describe(e)
+                out = ("err", "TypeError", "TypeError", f"unknown request {op!r}", None, {}, None)
+        except _Base as e:  # noqa: BLE001 - the program's exception (SystemExit too), as plain data
+            out = _describe(e, is_plain)
         try:
             reply(out)
         except _Base:  # noqa: BLE001 - e.g. a result nested too deeply to send
-            reply(("err", "TypeError", "TypeError", "the program's result cannot be sent as plain data"))
+            reply(("err", "TypeError", "TypeError", "the program's result cannot be sent as plain data", None, {}, None))
 
-    class TestFunction:
-        """A function of the test: calling it asks the evaluator, serving any calls it makes
-        back into the program meanwhile."""
-        __slots__ = ("n",)
-
-        def __init__(self, n):
-            self.n = n
-
-        def __call__(self, *args, **kwargs):
-            reply(("callback", self.n, list(args), dict(kwargs)))
-            while True:
-                msg = receive()
-                if msg[0] == "returned":
-                    return msg[1]
-                if msg[0] == "raised":
-                    raise _program_exception(("err", *msg[1:]))
-                answer(msg)
+    def _next_batch(obj, n):
+        """Up to n items; an exception after some items is sent with them, raised in turn."""
+        items = []
+        for _ in range(n):
+            try:
+                items.append(_next(obj))
+            except _StopIteration:
+                return items, True, None
+            except _Base as e:  # noqa: BLE001
+                return items, True, _describe(e, is_plain)
+        return items, False, None
 
     while True:
         answer(receive())
 
 
-def _catalog(ns: dict, to_handle, max_bytes: int) -> list:
-    """(name, kind, ...) for every name the program defined: "module" (the module's name),
-    "external" (a function or class of another module: module, qualname and a handle), "value"
-    (plain data) or "object" (a handle)."""
+def _no_handles(v):
+    raise NotPlain(type(v).__name__)
+
+
+class _Tee:
+    """The program's stdout during one call, when the test captures it (`redirect_stdout`):
+    written through, and sent with the reply."""
+
+    def __init__(self, real):
+        self.real, self.parts = real, []
+
+    def write(self, s):
+        self.parts.append(str(s))
+        return self.real.write(s)
+
+    def flush(self):
+        self.real.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _catalog(ns: dict, wanted, to_handle, max_bytes: int) -> list:
+    """(name, kind, ...) for the names the test uses (all when `wanted` is None): "module" (its
+    name), "external" (a function or class of another module: module, qualname and a handle),
+    "value" (plain data) or "object" (a handle)."""
     out, budget = [], max_bytes // 2
-    for name, v in list(ns.items()):
+    names = [n for n in ns if wanted is None or n in wanted] if type(wanted) in (list, type(None)) else []
+    for name in names:
+        v = ns[name]
         if name.startswith("__") and name.endswith("__"):
             continue
         if type(v) is types.ModuleType:
@@ -495,6 +410,9 @@ def _catalog(ns: dict, to_handle, max_bytes: int) -> list:
             continue
         if callable(v):
             mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
+            if isinstance(v, type) and issubclass(v, BaseException) and mod in ("solution", "__main__"):
+                out.append((name, "exception", _builtin_base(v), to_handle(v)))  # `except ProgramError`
+                continue
             if type(mod) is str and type(qual) is str and mod not in ("solution", "__main__"):
                 out.append((name, "external", mod, qual, to_handle(v)))
             else:
@@ -521,117 +439,166 @@ class ChannelBroken(BaseException):
     test's `except Exception` cannot swallow it; the evaluator also remembers it."""
 
 
-_CALLBACKS: list = []      # the test's functions the program was given, by number
-_CALLBACK_IDS: dict = {}
+class Refused(BaseException):
+    """Something the evaluator will not do with the program's objects (compare them, do
+    arithmetic on them, send an argument that cannot cross). A BaseException, so a test's
+    `except TypeError` cannot take it for the program's error; it fails the test in any case."""
+
+
+_TEST_OBJECTS: list = []      # the test's objects the program was given, by number
+_TEST_OBJECT_IDS: dict = {}
+_RAISED: dict = {}            # token -> an exception of the test that went through the program
+_PROGRAM_OBJECTS: dict = {}   # handle number -> its one ProgramObject (identity survives)
+_ITERATION: dict = {}         # handle number -> [buffered items, exhausted, pending error, batch]
 
 
 def _plain_only(v):
-    """The evaluator's fallback: its handles go back as handles, its functions as callbacks,
-    anything else is refused."""
+    """The evaluator's fallback: its handles go back as handles, its own objects as test handles."""
     if type(v) is ProgramObject:
         return Ref(object.__getattribute__(v, "_ref"))
-    if callable(v):
-        n = _CALLBACK_IDS.get(id(v))
-        if n is None or _CALLBACKS[n] is not v:
-            n = _CALLBACK_IDS[id(v)] = len(_CALLBACKS)
-            _CALLBACKS.append(v)
-        return Callback(n)
-    raise NotPlain(f"cannot pass {type(v).__name__} to the program: only plain data and functions cross")
+    n = _TEST_OBJECT_IDS.get(id(v))
+    if n is None or _TEST_OBJECTS[n] is not v:
+        n = _TEST_OBJECT_IDS[id(v)] = len(_TEST_OBJECTS)
+        _TEST_OBJECTS.append(v)
+    return TestRef(n)
+
+
+def _program_object(n: int) -> "ProgramObject":
+    if type(n) is not int:
+        raise ValueError("malformed handle")
+    po = _PROGRAM_OBJECTS.get(n)
+    if po is None:
+        po = _PROGRAM_OBJECTS[n] = ProgramObject(n)
+    return po
+
+
+def _test_object(n: int):
+    if not 0 <= n < len(_TEST_OBJECTS):
+        raise ValueError("a test object the program was never given")
+    return _TEST_OBJECTS[n]
 
 
 class _Channel:
     def __init__(self, requests: int, replies: int, max_bytes: int):
         self.requests, self.replies, self.max_bytes = requests, replies, max_bytes
         self.broken = ""
-        self.callback_failed = ""  # an assertion of the test failed inside a callback
+        self.failed = None  # (kind, detail) that fails the test whatever the test caught
 
     def fail(self, why: str):
         self.broken = self.broken or why
         raise ChannelBroken(why)
 
+    def refuse(self, kind: str, detail: str):
+        self.failed = self.failed or (kind, detail[:300])
+        raise Refused(f"{kind}: {detail}")
+
     def receive(self, gone: str = "program died during the test"):
         try:
-            msg = recv(self.replies, self.max_bytes, ProgramObject)
+            msg = codec.recv(self.replies, self.max_bytes, _program_object, _test_object)
         except EOFError:
             self.fail(gone)
-        except (ValueError, TypeError, OverflowError, ArithmeticError, MemoryError) as e:
+        except (ValueError, TypeError, OverflowError, ArithmeticError, MemoryError, KeyError) as e:
             self.fail(f"program sent garbage: {str(e)[:100]}")
         if type(msg) is not tuple or not msg or type(msg[0]) is not str:
             self.fail("program sent garbage: not a message")
         return msg
 
-    def send(self, msg: tuple) -> None:
-        data = encode(msg, _plain_only)  # NotPlain goes to the test: its argument, its error
+    def send(self, msg: tuple, gone: str = "program died during the test") -> None:
+        try:
+            data = encode(msg, _plain_only)
+        except NotPlain as e:  # nested too deeply: the test's argument, refused
+            self.refuse("argument cannot cross", str(e))
         try:
             os.write(self.requests, len(data).to_bytes(4, "big"))
             view = memoryview(data)
             while view:
                 view = view[os.write(self.requests, view):]
         except OSError:
-            self.fail("program died during the test")
+            self.fail(gone)
 
     def request(self, msg: tuple) -> tuple:
         if self.broken:
             raise ChannelBroken(self.broken)
         self.send(msg)
         reply = self.receive()
-        while reply[0] == "callback":
-            self.run_callback(reply)
+        while reply[0] == "test":
+            self.serve_test_object(reply)
             reply = self.receive()
-        if reply[0] == "exit":
-            self.fail("program exited during the test")
         if reply[0] == "err":
-            raise _program_exception(reply)
+            raise self.program_exception(reply)
         if reply[0] != "ok" or len(reply) < 2:
             self.fail("program sent garbage: not a reply")
         return reply
 
-    def run_callback(self, msg: tuple) -> None:
-        """The program calls one of the test's functions: run it here on the plain arguments, send
-        what it returned (or raised). A failed assertion fails the test even if the program catches
-        the error it gets."""
-        if len(msg) != 4 or type(msg[1]) is not int or not 0 <= msg[1] < len(_CALLBACKS) \
-                or type(msg[2]) is not list or type(msg[3]) is not dict or not all(type(k) is str for k in msg[3]):
-            self.fail("program sent garbage: malformed callback")
+    def program_exception(self, reply: tuple) -> BaseException:
+        if len(reply) != 7:
+            self.fail("program sent garbage: malformed exception")
+        token = reply[6]
+        if type(token) is int and token in _RAISED:  # the test's own exception, back through the program
+            return _RAISED[token]
+        return rebuild_exception(*reply[1:6])
+
+    def serve_test_object(self, msg: tuple) -> None:
+        """The program uses one of the test's objects: do it here, on plain data, and send what
+        came of it. Private attributes stay private (the evaluator's internals are one
+        `__globals__` away from any function). A failed assertion fails the test even if the
+        program catches the error it gets."""
+        if len(msg) < 3 or type(msg[1]) is not str or type(msg[2]) is not int or not 0 <= msg[2] < len(_TEST_OBJECTS):
+            self.fail("program sent garbage: malformed use of a test object")
+        op, obj, args = msg[1], _TEST_OBJECTS[msg[2]], msg[3:]
         try:
-            result = _CALLBACKS[msg[1]](*msg[2], **msg[3])
-            try:
-                self.send(("returned", result))
-                return
-            except NotPlain as e:
-                out = ("TypeError", "TypeError", str(e))
-        except ChannelBroken:
+            if op in ("getattr", "setattr", "delattr"):
+                name = args[0] if args else None
+                if type(name) is not str or (name.startswith("_") and not (op == "getattr" and name in _METADATA)):
+                    raise AttributeError(f"{name!r}: not an attribute the program may use")
+            if op == "call":
+                if len(args) != 2 or type(args[0]) is not list or type(args[1]) is not dict \
+                        or not all(type(k) is str for k in args[1]):
+                    self.fail("program sent garbage: malformed call")
+                result = obj(*args[0], **args[1])
+            elif op == "getattr":
+                result = getattr(obj, args[0])
+            elif op == "setattr":
+                result = setattr(obj, args[0], args[1])
+            elif op == "delattr":
+                result = delattr(obj, args[0])
+            elif op == "getitem":
+                result = obj[args[0]]
+            elif op == "setitem":
+                obj[args[0]] = args[1]
+                result = None
+            elif op == "delitem":
+                del obj[args[0]]
+                result = None
+            elif op in ("len", "bool", "str", "repr", "iter"):
+                result = {"len": len, "bool": bool, "str": str, "repr": repr, "iter": iter}[op](obj)
+            elif op == "next":
+                try:
+                    result = next(obj)
+                except StopIteration:
+                    self.send(("stop",))
+                    return
+            else:
+                self.fail("program sent garbage: unknown use of a test object")
+            self.send(("returned", result))
+            return
+        except (ChannelBroken, Refused):
             raise
         except BaseException as e:  # noqa: BLE001 - the test function's exception goes to the program
-            if isinstance(e, AssertionError):
-                self.callback_failed = self.callback_failed or _safe_str(e) or "in a function the test passed"
-            base = next((k.__name__ for k in type(e).__mro__ if getattr(builtins, k.__name__, None) is k), "Exception")
-            out = (type(e).__name__, base, _safe_str(e))
-        self.send(("raised", *out))
+            if isinstance(e, AssertionError) and not self.failed:
+                self.failed = ("assertion failed", _safe_str(e) or "in a function of the test")
+            token = len(_RAISED)
+            _RAISED[token] = e
+            self.send(("raised", type(e).__name__, _builtin_base(e), _safe_str(e, 1000),
+                       e.args if _plain(e.args) else None, token))
 
 
-def _program_exception(reply: tuple) -> Exception:
-    """The program's exception rebuilt as a trusted one: its built-in base class (so `except
-    ValueError` works), under the program's class name, with its message."""
-    if len(reply) != 4 or not all(type(x) is str for x in reply[1:]):
-        return RuntimeError("the program raised an exception that could not be described")
-    name, base, text = reply[1][:100], reply[2], reply[3][:1000]
-    cls = getattr(builtins, base, None)
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        cls = Exception
-    if issubclass(cls, (StopIteration, StopAsyncIteration)):
-        # raised by a called function it would silently end the test's map() or generator early
-        # (PEP 479 makes the same change inside generators)
-        return RuntimeError(f"{name} raised by the program: {text}")
-    if name != cls.__name__ and name.isidentifier():
-        cls = type(name, (cls,), {"__module__": "solution"})
+def _plain(v) -> bool:
     try:
-        return cls(text)
-    except BaseException:  # noqa: BLE001 - e.g. UnicodeDecodeError needs five arguments
-        return RuntimeError(f"{name}: {text}")
-
-
-_MUTABLE = (list, dict, set, bytearray)
+        encode(v, _no_handles)
+        return True
+    except BaseException:  # noqa: BLE001
+        return False
 
 
 def _refill(target, value) -> None:
@@ -640,9 +607,19 @@ def _refill(target, value) -> None:
         return
     if type(target) in (list, bytearray):
         target[:] = value
+    elif hasattr(target, "extend"):  # deque
+        target.clear()
+        target.extend(value)
     else:
         target.clear()
         target.update(value)
+
+
+def _mutable(a) -> bool:
+    t = type(a)
+    return t in _MUTABLE or (t.__module__, t.__qualname__) in (
+        ("collections", "deque"), ("collections", "Counter"), ("collections", "OrderedDict"),
+        ("collections", "defaultdict"))
 
 
 class _Calls:
@@ -658,23 +635,41 @@ class _Calls:
         return reply[1]
 
     def call(self, ref: int, args: tuple, kwargs: dict):
-        back = [i for i, a in enumerate(args) if type(a) in _MUTABLE]
-        kback = [k for k, a in kwargs.items() if type(a) in _MUTABLE]
-        reply = self.channel.request(("call", ref, list(args), dict(kwargs), back, kback))
-        if len(reply) != 4 or type(reply[2]) is not list or type(reply[3]) is not list \
+        back = [i for i, a in enumerate(args) if _mutable(a)]
+        kback = [k for k, a in kwargs.items() if _mutable(a)]
+        capture = sys.stdout is not sys.__stdout__  # the test captures printed output
+        reply = self.channel.request(("call", ref, list(args), dict(kwargs), back, kback, capture))
+        if len(reply) != 5 or type(reply[2]) is not list or type(reply[3]) is not list or type(reply[4]) is not str \
                 or len(reply[2]) != len(back) or len(reply[3]) != len(kback):
             self.channel.fail("program sent garbage: malformed call reply")
         for i, new in zip(back, reply[2]):
             _refill(args[i], new)
         for k, new in zip(kback, reply[3]):
             _refill(kwargs[k], new)
+        if reply[4]:
+            sys.stdout.write(reply[4])
         return reply[1]
 
-    def batch(self, ref: int, n: int) -> tuple:
-        got = self.op("next", ref, n)
-        if type(got) is not tuple or len(got) != 2 or type(got[0]) is not list or type(got[1]) is not bool:
-            self.channel.fail("program sent garbage: malformed iteration reply")
-        return got
+    def next_item(self, ref: int):
+        """The next item of a program iterator. Items are fetched in batches that grow (1, 2, 4
+        ... 256 per round trip) and are buffered per object, so partial consumption (`islice`,
+        then `next`) sees every item once, in order; an exception after some items is raised
+        when the test reaches it."""
+        state = _ITERATION.setdefault(ref, [[], False, None, 1])
+        if not state[0]:
+            if state[2] is not None:
+                error, state[2] = state[2], None
+                raise self.channel.program_exception(error)
+            if state[1]:
+                raise StopIteration
+            got = self.op("next", ref, state[3])
+            if type(got) is not tuple or len(got) != 3 or type(got[0]) is not list or type(got[1]) is not bool \
+                    or not (got[2] is None or type(got[2]) is tuple):
+                self.channel.fail("program sent garbage: malformed iteration reply")
+            state[0], state[1], state[2], state[3] = got[0][::-1], got[1], got[2], min(state[3] * 2, 256)
+            if not state[0]:
+                return self.next_item(ref)
+        return state[0].pop()
 
 
 _CALLS: list = []  # the evaluator's one _Calls
@@ -690,22 +685,37 @@ def _typed(value, kind, what: str):
     return value
 
 
-class RefusedComparison(TypeError):
-    """`==`, `<`, ... with an object of the program's own class."""
+_COMPARISONS = frozenset({"==", "!=", "<", "<=", ">", ">="})
+
+
+def _refused_operation(name: str):
+    kind = "compared an object of the program's own class" if name in _COMPARISONS \
+        else "operation on an object of the program's own class"
+
+    def refuse(self, *args):
+        _calls().channel.refuse(kind, f"{name} is the program's to define; use plain values")
+    refuse.__name__ = name
+    return refuse
 
 
 class ProgramObject:
     """A function, class, instance, generator ... that lives in the program's process. Calls,
-    attributes, items, len, bool, str, repr and iteration cross as plain data. Comparisons are
-    refused: an object's equality is its class's to define, and that class is the program's."""
+    attributes, items, len, bool, str, repr, iteration and `with` cross as plain data; it equals
+    itself (the same object of the program: identity needs no code of the program), and any
+    other comparison or arithmetic is refused."""
 
-    __slots__ = ("_ref",)
+    __slots__ = ("_ref", "__weakref__")
 
     def __init__(self, ref: int):
         object.__setattr__(self, "_ref", ref)
 
     def _op(self, op: str, *args):
         return _calls().op(op, object.__getattribute__(self, "_ref"), *args)
+
+    def __getattribute__(self, name):
+        if name in _METADATA:  # the program object's own name and doc, not this class's
+            return _calls().op("getattr", object.__getattribute__(self, "_ref"), name)
+        return object.__getattribute__(self, name)
 
     def __call__(self, *args, **kwargs):
         return _calls().call(object.__getattribute__(self, "_ref"), args, kwargs)
@@ -747,86 +757,69 @@ class ProgramObject:
             return "<object of the program>"
 
     def __iter__(self):
-        return _Iterator(self._op("iter"))
+        it = self._op("iter")
+        return it if type(it) is not ProgramObject else _Iterator(object.__getattribute__(it, "_ref"))
 
     def __next__(self):
-        items, done = _calls().batch(object.__getattribute__(self, "_ref"), 1)
-        if not items:
-            raise StopIteration
-        return items[0]
+        return _calls().next_item(object.__getattribute__(self, "_ref"))
 
     def __contains__(self, item):
         # not the program's __contains__: the items it yields, compared here
         return any(item is x or item == x for x in self)
 
-    def _refuse(self, other):
-        raise RefusedComparison("tests cannot compare an object of the program's own class (its equality and "
-                                "ordering are the program's to define); compare plain values, e.g. its attributes")
+    def __enter__(self):
+        return self._op("enter")
 
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    def __exit__(self, *exc):
+        self._op("exit_cm")
+        return False  # never the program's to swallow the test's exception (an AssertionError)
+
+    def __eq__(self, other):
+        if other is self:
+            return True
+        return _refused_operation("==")(self)
+
+    def __ne__(self, other):
+        if other is self:
+            return False
+        return _refused_operation("!=")(self)
+
+    def __le__(self, other):
+        if other is self:
+            return True
+        return _refused_operation("<=")(self)
+
+    def __ge__(self, other):
+        if other is self:
+            return True
+        return _refused_operation(">=")(self)
+
+    __lt__, __gt__ = _refused_operation("<"), _refused_operation(">")
     __hash__ = object.__hash__
 
 
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "lshift", "rshift", "and", "or",
+            "xor", "divmod"):
+    setattr(ProgramObject, f"__{_op}__", _refused_operation(_op))
+    setattr(ProgramObject, f"__r{_op}__", _refused_operation(_op))
+for _op in ("neg", "pos", "abs", "invert", "int", "float", "complex", "index", "round", "trunc", "floor", "ceil"):
+    setattr(ProgramObject, f"__{_op}__", _refused_operation(_op))
+del _op
+
+
 class _Iterator:
-    """Iteration over a program object, fetched in batches (one round trip per 256 items)."""
+    """Iteration over a program iterator (see `_Calls.next_item`)."""
 
-    __slots__ = ("source", "buffer", "done")
-    BATCH = 256
+    __slots__ = ("ref",)
 
-    def __init__(self, source):
-        self.source, self.buffer, self.done = source, [], False
+    def __init__(self, ref: int):
+        self.ref = ref
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if not self.buffer:
-            if self.done or type(self.source) is not ProgramObject:
-                raise StopIteration
-            items, self.done = _calls().batch(object.__getattribute__(self.source, "_ref"), self.BATCH)
-            self.buffer = items[::-1]
-            if not self.buffer:
-                raise StopIteration
-        return self.buffer.pop()
-
-
-def _bind(catalog, channel: _Channel) -> dict:
-    """{name: value} for the test from the candidate's catalog (untrusted: checked entry by entry)."""
-    out = {}
-    if type(catalog) is not list:
-        channel.fail("program sent garbage: malformed catalog")
-    for entry in catalog:
-        if type(entry) is not tuple or len(entry) < 3 or type(entry[0]) is not str or not entry[0].isidentifier():
-            channel.fail("program sent garbage: malformed catalog entry")
-        name, kind = entry[0], entry[1]
-        if name.startswith("__") and name.endswith("__"):
-            continue  # `__builtins__`, `__import__`...: the test's namespace machinery stays ours
-        if kind == "module" and len(entry) == 3:
-            module = _stdlib_module(entry[2])
-            if module is not None:
-                out[name] = module
-        elif kind == "external" and len(entry) == 5 and type(entry[4]) is ProgramObject:
-            real = _stdlib_object(entry[2], entry[3])
-            out[name] = real if real is not None else entry[4]
-        elif kind == "object" and len(entry) == 3 and type(entry[2]) is ProgramObject:
-            out[name] = entry[2]
-        elif kind == "value" and len(entry) == 3:
-            out[name] = entry[2]
-        else:
-            channel.fail("program sent garbage: malformed catalog entry")
-    return out
-
-
-def _stdlib_module(name):
-    """The evaluator's own copy of a standard-library module the program imported."""
-    if type(name) is not str or name.partition(".")[0] not in sys.stdlib_module_names \
-            or name.partition(".")[0] in _UNIMPORTABLE or not all(p.isidentifier() for p in name.split(".")):
-        return None
-    try:
-        __import__(name)
-        return sys.modules[name]
-    except BaseException:  # noqa: BLE001
-        return None
+        return _calls().next_item(self.ref)
 
 
 # What a program's `from M import name` may bind in the test as the evaluator's own object: pure
@@ -857,85 +850,91 @@ _EXTERNALS = {
 }
 
 
-def _stdlib_object(module, qualname):
-    """`from math import isclose` in the program: the evaluator's own `math.isclose`, if vetted."""
-    if type(module) is not str or module not in _EXTERNALS or type(qualname) is not str \
-            or not qualname.isidentifier() or qualname.startswith("_"):
+def _stdlib_module(name):
+    """The evaluator's own copy of a standard-library module the program imported."""
+    if type(name) is not str or not all(p.isidentifier() and not p.startswith("_") for p in name.split(".")) \
+            or name.partition(".")[0] not in sys.stdlib_module_names or name.partition(".")[0] in _UNIMPORTABLE:
         return None
-    names = _EXTERNALS[module]
-    if names is not None and qualname not in names:
+    try:
+        __import__(name)
+        return sys.modules[name]
+    except BaseException:  # noqa: BLE001
+        return None
+
+
+def _stdlib_object(module, qualname):
+    """`from math import isclose` in the program: the evaluator's own `math.isclose`, if vetted
+    (C accelerators name their own module: `_functools.reduce` is `functools.reduce`)."""
+    if type(module) is not str or type(qualname) is not str or not qualname.isidentifier() or qualname.startswith("_"):
+        return None
+    module = module[1:] if module.startswith("_") and module[1:] in _EXTERNALS else module
+    if module not in _EXTERNALS or (_EXTERNALS[module] is not None and qualname not in _EXTERNALS[module]):
         return None
     obj = getattr(_stdlib_module(module), qualname, None)
     return obj if type(obj) in (types.FunctionType, types.BuiltinFunctionType) or isinstance(obj, type) else None
 
 
-def _module_uses(tree) -> set:
-    """Names the test only ever uses as `name.attribute` and never binds itself: the modules it
-    expects the program to have imported (MBPP-style tests call `math.isclose` without an
-    import). `tree` is the test's AST (the builtin `_ast`: the `ast` module's import would cost
-    every evaluator milliseconds)."""
+def _bind(catalog, channel: _Channel) -> dict:
+    """{name: value} for the test from the candidate's catalog (untrusted: checked entry by entry)."""
+    out = {}
+    if type(catalog) is not list:
+        channel.fail("program sent garbage: malformed catalog")
+    for entry in catalog:
+        if type(entry) is not tuple or len(entry) < 3 or type(entry[0]) is not str or not entry[0].isidentifier():
+            channel.fail("program sent garbage: malformed catalog entry")
+        name, kind = entry[0], entry[1]
+        if name.startswith("__") and name.endswith("__"):
+            continue  # `__builtins__`, `__import__`...: the test's namespace machinery stays ours
+        if kind == "module" and len(entry) == 3:
+            module = _stdlib_module(entry[2])
+            if module is not None:
+                out[name] = module
+        elif kind == "external" and len(entry) == 5 and type(entry[4]) is ProgramObject:
+            real = _stdlib_object(entry[2], entry[3])
+            out[name] = real if real is not None else entry[4]
+        elif kind == "object" and len(entry) == 3 and type(entry[2]) is ProgramObject:
+            out[name] = entry[2]
+        elif kind == "exception" and len(entry) == 4 and type(entry[2]) is str and name.isidentifier():
+            out[name] = exception_class(name, entry[2])
+        elif kind == "value" and len(entry) == 3:
+            out[name] = entry[2]
+        else:
+            channel.fail("program sent garbage: malformed catalog entry")
+    return out
+
+
+def _names(tree) -> tuple:
+    """(every name the test mentions — or None after `from solution import *` —, the names it
+    only ever uses as `name.attribute` and never binds: the modules it expects the program to
+    have imported, as MBPP-style tests call `math.isclose`). `tree` is the test's AST (the
+    builtin `_ast`: importing `ast` would cost every evaluator milliseconds)."""
     import _ast
-    bases, names, bound, stack = set(), [], set(), [tree]
+    bases, names, bound, mentioned, star, stack = set(), [], set(), set(), False, [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, _ast.Attribute) and isinstance(node.value, _ast.Name) and isinstance(node.ctx, _ast.Load):
-            bases.add(id(node.value))
+        if isinstance(node, _ast.Attribute):
+            mentioned.add(node.attr)  # `solution.helper`
+            if isinstance(node.value, _ast.Name) and isinstance(node.ctx, _ast.Load):
+                bases.add(id(node.value))
         elif isinstance(node, _ast.Name):
             names.append(node)
         elif isinstance(node, (_ast.Import, _ast.ImportFrom)):
             bound.update((a.asname or a.name).partition(".")[0] for a in node.names)
+            mentioned.update(a.name for a in node.names)
+            star = star or (isinstance(node, _ast.ImportFrom) and any(a.name == "*" for a in node.names))
         for field in node._fields:
             child = getattr(node, field, None)
             if isinstance(child, list):
                 stack.extend(c for c in child if isinstance(c, _ast.AST))
             elif isinstance(child, _ast.AST):
                 stack.append(child)
-    as_module = {n.id for n in names if id(n) in bases}
-    return as_module - bound - {n.id for n in names if id(n) not in bases}
+    as_module = {n.id for n in names if id(n) in bases} - bound - {n.id for n in names if id(n) not in bases}
+    return (None if star else sorted(mentioned | {n.id for n in names})), as_module
 
 
+# Standard-library code that compiles text it builds itself from checked identifiers.
+_COMPILERS = ("collections" + os.sep + "__init__.py", "dataclasses.py")
 _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep  # the sandbox sees no site-packages (-I -S)
-
-
-def _guard_evaluator(test_code: str) -> None:
-    """Once the test runs, the evaluator compiles no text but the test's own: a test that
-    `eval`s what the program returned (`eval(expression_for(5))`) would otherwise run the
-    program's code here, beside the verdict. Standard-library callers (namedtuple, dataclasses
-    build their methods from text they generate) may; the test's frames may compile only text
-    that is part of the test. Unpickling (anything but plain types and the test's own classes),
-    marshal and building code objects are refused at the test's level for the same reason."""
-    import sys as _sys
-    getframe, str_, bytes_, isinstance_, startswith = _sys._getframe, str, bytes, isinstance, str.startswith
-    stdlib, test_text, test_bytes = _STDLIB_DIR, test_code, test_code.encode("utf-8", "surrogatepass")
-    picklable = _PICKLABLE
-    busy = [False]
-
-    def from_test_level() -> bool:
-        name = getframe(2).f_code.co_filename  # 0: this, 1: the hook, 2: whoever raised the event
-        return not (startswith(name, "<frozen") or startswith(name, stdlib))
-
-    def hook(event, args):
-        if busy[0] or event not in ("compile", "pickle.find_class", "marshal.loads", "code.__new__"):
-            return
-        busy[0] = True
-        try:
-            if event == "pickle.find_class" and ((args[0], args[1]) in picklable or args[0] == "__main__"):
-                return
-            if not from_test_level():
-                return
-            if event == "compile":
-                src = args[0]
-                if (isinstance_(src, str_) and src in test_text) or (isinstance_(src, bytes_) and src in test_bytes):
-                    return
-                raise PermissionError("sandbox: the test may not evaluate text that is not part of it "
-                                      "(text the program produced runs in the program's process, not here)")
-            raise PermissionError(f"sandbox: {event} is not allowed in the evaluator")
-        finally:
-            busy[0] = False
-
-    _sys.addaudithook(hook)
-
-
 _PICKLABLE = frozenset({("builtins", n) for n in ("set", "frozenset", "complex", "bytearray", "range", "slice",
                                                   "int", "float", "str", "list", "dict", "tuple", "bytes", "bool")}
                        | {("collections", n) for n in ("OrderedDict", "Counter", "deque", "defaultdict")}
@@ -943,11 +942,60 @@ _PICKLABLE = frozenset({("builtins", n) for n in ("set", "frozenset", "complex",
                        | {("datetime", n) for n in ("date", "datetime", "time", "timedelta", "timezone")})
 
 
+def _guard_evaluator(test_code: str) -> None:
+    """Once the test runs, the evaluator compiles no text but the test's own: a test that
+    `eval`s what the program returned (`eval(expression_for(5))`, `typing.get_type_hints` of a
+    program function) would otherwise run the program's code here, beside the verdict. Only the
+    import system and the standard library's code generators (namedtuple, dataclasses) may
+    compile other text; everyone else may compile only text that is part of the test.
+    Unpickling anything but plain types, marshal and building code objects are refused."""
+    getframe, str_, bytes_, isinstance_ = sys._getframe, str, bytes, isinstance
+    test_text, test_bytes = test_code, test_code.encode("utf-8", "surrogatepass")
+    compilers = tuple(_STDLIB_DIR + c for c in _COMPILERS)
+    picklable, busy = _PICKLABLE, [False]
+
+    def hook(event, args):
+        if busy[0] or event not in ("compile", "pickle.find_class", "marshal.loads", "code.__new__"):
+            return
+        busy[0] = True
+        try:
+            caller = getframe(1).f_code.co_filename  # 0: this hook; 1: whoever raised the event
+            if caller.startswith("<frozen importlib"):
+                return
+            if event == "pickle.find_class":
+                if (args[0], args[1]) in picklable:
+                    return
+            elif event == "compile":
+                src = args[0]
+                if caller in compilers or (isinstance_(src, str_) and src in test_text) \
+                        or (isinstance_(src, bytes_) and src in test_bytes):
+                    return
+                raise PermissionError("sandbox: the test may not evaluate text that is not part of it "
+                                      "(text the program produced runs in the program's process, not here)")
+            raise PermissionError(f"sandbox: {event} is not allowed in the evaluator")
+        finally:
+            busy[0] = False
+
+    sys.addaudithook(hook)
+
+
 def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report) -> None:
     """Run one assertion test against the candidate; `report(status, kind, detail)` once."""
     channel = _Channel(requests, replies, max_bytes)
     _CALLS[:] = [_Calls(channel)]
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 5000))  # callbacks nest both sides' frames
     try:
+        tree = compile(test_code, "<test>", "exec", 0x400, dont_inherit=True)  # ast.PyCF_ONLY_AST
+        code = compile(tree, "<test>", "exec", dont_inherit=True)
+    except SyntaxError as e:
+        report("fail", "bad test", f"line {e.lineno}: {e.msg}")
+        return
+    wanted, as_modules = _names(tree)
+    try:
+        try:
+            channel.send(("names", wanted), gone="exited before the tests ran")  # read once the program has run
+        except ChannelBroken:  # it may have failed and gone already: its report is still to be read
+            channel.broken = ""
         first = channel.receive(gone="exited before the tests ran")
         if first[0] == "load_error" and len(first) == 3 and type(first[1]) is str and type(first[2]) is str:
             report("fail", first[1][:100], first[2])
@@ -958,12 +1006,6 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
     except ChannelBroken:
         report("fail", channel.broken, "")
         return
-    try:
-        tree = compile(test_code, "<test>", "exec", 0x400, dont_inherit=True)  # ast.PyCF_ONLY_AST
-        code = compile(tree, "<test>", "exec", dont_inherit=True)
-    except SyntaxError as e:
-        report("fail", "bad test", f"line {e.lineno}: {e.msg}")
-        return
     solution = types.ModuleType("solution")
     solution.__dict__.update(names)
     # `from solution import *` brings what a plain `import` would, minus the builtins it shadows
@@ -971,9 +1013,8 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
     sys.modules["solution"] = solution
     ns = {k: v for k, v in names.items() if k not in _BUILTIN_NAMES}
     # A name the test uses only as a module and that names a standard-library module gets that
-    # module, whatever the program bound to it (a `class math` with a lying isclose, `import
-    # cmath as math`).
-    for name in _module_uses(tree) & set(ns):
+    # module, whatever the program bound to it (a `class math` with a lying isclose).
+    for name in as_modules & set(ns):
         module = _stdlib_module(name)
         if module is not None:
             ns[name] = module
@@ -984,28 +1025,28 @@ def evaluate(test_code: str, requests: int, replies: int, max_bytes: int, report
         error = None
     except ChannelBroken:  # raised by the channel, which then says why; raised by anything else: forged
         error = None if channel.broken else ("verdict tampered", "ChannelBroken raised outside the channel")
+    except Refused:
+        error = None  # channel.failed says why
     except AssertionError as e:
         error = ("assertion failed", _safe_str(e))
-    except RefusedComparison as e:
-        error = ("compared an object of the program's own class", _safe_str(e))
     except BaseException as e:  # noqa: BLE001 - the test's own error, or the program's exception
         error = classify(e)
     if channel.broken:
         report("fail", channel.broken, "")
     elif error:
         report("fail", *error)
-    elif channel.callback_failed:
-        report("fail", "assertion failed", channel.callback_failed)
+    elif channel.failed:
+        report("fail", *channel.failed)
     else:
         report("pass")
     try:
-        send(requests, ("exit",), _plain_only)
-    except OSError:
+        channel.send(("exit",))
+    except BaseException:  # noqa: BLE001
         pass
 
 
-def _safe_str(e) -> str:
+def _safe_str(e, n: int = 200) -> str:
     try:
-        return str(e)[:200]
+        return str(e)[:n]
     except BaseException:  # noqa: BLE001
         return ""
