@@ -1,5 +1,5 @@
 """The plain-data codec (rewards/sandbox_codec.py) and the evaluator's side of assertion tests
-(rewards/sandbox_calls.py), in process: every plain type round-trips to its exact type, lying
+(rewards/sandbox_calls.py, sandbox_evaluator.py), in process: every plain type round-trips to its exact type, lying
 subclasses arrive as the honest value they hold, malformed or hostile data is refused rather than
 rebuilt, and the evaluator binds only vetted objects of the standard library."""
 import collections
@@ -12,6 +12,7 @@ import pytest
 
 from megatron_ernie.rewards import sandbox_calls as sc
 from megatron_ernie.rewards import sandbox_codec as codec
+from megatron_ernie.rewards import sandbox_evaluator as ev
 
 
 def _refuse(v):
@@ -145,10 +146,10 @@ def test_nesting_is_bounded_both_ways():
 
 def test_the_evaluators_own_objects_cross_as_test_handles_one_per_object():
     f, node = (lambda x: x), type("ListNode", (), {})()
-    wire = codec.encode([f, f, node, len], sc._plain_only)
+    wire = codec.encode([f, f, node, len], ev._plain_only)
     got = codec.decode(wire, lambda n: n, test_handle=lambda n: ("test", n))
     assert got[0] == got[1] and got[0][0] == "test" and len({g[1] for g in got}) == 3
-    assert sc._TEST_OBJECTS[got[0][1]] is f and sc._TEST_OBJECTS[got[2][1]] is node
+    assert ev._TEST_OBJECTS[got[0][1]] is f and ev._TEST_OBJECTS[got[2][1]] is node
     with pytest.raises(ValueError, match="unknown tag"):  # a receiver that accepts no test handles
         codec.decode(wire, lambda n: n)
 
@@ -172,40 +173,40 @@ def test_program_objects_equal_only_themselves():
 
         def refuse(self, kind, detail):
             self.failed = kind
-            raise sc.Refused(kind)
-    sc._CALLS[:] = [type("C", (), {"channel": FakeChannel()})()]
-    obj = sc._program_object(7)
-    assert sc._program_object(7) is obj and obj == obj and not (obj != obj) and obj <= obj
+            raise ev.Refused(kind)
+    ev._CALLS[:] = [type("C", (), {"channel": FakeChannel()})()]
+    obj = ev._program_object(7)
+    assert ev._program_object(7) is obj and obj == obj and not (obj != obj) and obj <= obj
     for op in (lambda: obj == 1, lambda: obj < 1, lambda: 1 >= obj, lambda: obj + 1, lambda: -obj,
                lambda: float(obj), lambda: [0][obj]):
-        with pytest.raises(sc.Refused):  # a BaseException: a test's `except TypeError` cannot take it
+        with pytest.raises(ev.Refused):  # a BaseException: a test's `except TypeError` cannot take it
             op()
-    assert not issubclass(sc.Refused, Exception)
+    assert not issubclass(ev.Refused, Exception)
     assert obj in [obj] and {obj: 1}[obj] == 1
 
 
 def test_catalog_binds_the_evaluators_own_stdlib_objects():
-    assert sc._stdlib_object("math", "isclose") is math.isclose
-    assert sc._stdlib_object("operator", "add") is __import__("operator").add
-    assert sc._stdlib_object("_functools", "reduce") is __import__("functools").reduce  # the C accelerator's name
-    assert sc._stdlib_object("collections", "OrderedDict") is collections.OrderedDict
-    assert sc._stdlib_object("fractions", "Fraction") is Fraction
+    assert ev._stdlib_object("math", "isclose") is math.isclose
+    assert ev._stdlib_object("operator", "add") is __import__("operator").add
+    assert ev._stdlib_object("_functools", "reduce") is __import__("functools").reduce  # the C accelerator's name
+    assert ev._stdlib_object("collections", "OrderedDict") is collections.OrderedDict
+    assert ev._stdlib_object("fractions", "Fraction") is Fraction
     # vetted names only: nothing that evaluates text, reaches into objects, imports, or makes
     # always-equal objects; no dotted path, constant or private name
     for module, qualname in (("builtins", "eval"), ("builtins", "getattr"), ("builtins", "__import__"),
                              ("typing", "get_type_hints"), ("operator", "attrgetter"), ("collections", "OrderedDict.fromkeys"),
                              ("unittest.mock", "_ANY"), ("ctypes", "string_at"), ("solution", "f"), ("math", "<lambda>"),
                              ("math", "pi"), ("os", "system"), ("pickle", "loads")):
-        assert sc._stdlib_object(module, qualname) is None, (module, qualname)
+        assert ev._stdlib_object(module, qualname) is None, (module, qualname)
     for name in ("antigravity", "unittest.mock", "venv.__main__", "lib2to3", "json._private", "numpy"):
-        assert sc._stdlib_module(name) is None, name
+        assert ev._stdlib_module(name) is None, name
 
 
 def test_names_the_test_uses():
     code = ("import re\nassert math.isclose(f(1), 2)\nx = statistics([1])\nassert heapq.nsmallest(1, q.items) == [1]\n"
             "re.match('a', 'a')\nimport solution\nsolution.helper()")
-    mentioned, as_modules = sc._names(compile(code, "<test>", "exec", 0x400))
+    mentioned, as_modules = ev._names(compile(code, "<test>", "exec", 0x400))
     assert as_modules == {"math", "heapq", "q"}
     assert {"f", "statistics", "q", "items", "helper", "isclose"} <= set(mentioned)
-    star, _ = sc._names(compile("from solution import *\nassert f(1)", "<test>", "exec", 0x400))
+    star, _ = ev._names(compile("from solution import *\nassert f(1)", "<test>", "exec", 0x400))
     assert star is None  # all of the program's names

@@ -14,7 +14,7 @@ Process tree in the namespace modes:
          ├─ candidate, one per test: the program (stdin/stdout test: reads the input, prints;
          │  assertion test: defines its functions, then serves calls, see `sandbox_calls`)
          └─ evaluator, one per assertion test: runs the test code, calling into the candidate
-            with plain data only, and writes the verdict
+            with plain data only, and writes the verdict (see `sandbox_evaluator`)
 
 In "audit-hook" mode the runner is the init: no namespaces, a child subreaper instead of pid 1.
 
@@ -48,9 +48,10 @@ PAGE_SIZE, CLOCK_TICKS = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
 VERDICT_FD = 3
 try:  # inside the sandbox: the bootstrap put this directory on sys.path (see `command`)
     import sandbox_calls as calls
+    import sandbox_evaluator as evaluator
     import sandbox_isolation as iso
 except ImportError:  # imported by the parent (rewards/sandbox.py) for command() and the frames
-    calls = iso = None
+    calls = evaluator = iso = None
 
 
 def encode_frame(obj) -> bytes:
@@ -409,7 +410,7 @@ def _evaluator(job: dict, index: int, fds: tuple, nonce: str) -> None:
         except OSError:
             pass
 
-    calls.evaluate(test_code, 4, 5, _max_message(job), report)
+    evaluator.evaluate(test_code, 4, 5, _max_message(job), report)
     os._exit(0)
 
 
@@ -616,7 +617,7 @@ def _probe_seccomp() -> bool:
 
 def main(argv: list) -> None:
     # Out of sight before any program runs here.
-    for name in (__name__, "sandbox_calls", "sandbox_codec", "sandbox_isolation"):
+    for name in (__name__, "sandbox_calls", "sandbox_codec", "sandbox_evaluator", "sandbox_isolation"):
         sys.modules.pop(name, None)
     if argv == ["--probe"]:
         _emit(probe())
