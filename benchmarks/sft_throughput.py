@@ -36,7 +36,7 @@ LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.0
 
 def ours(hf_dir: Path, out: Path, a) -> tuple[list[float], list[float]]:
     from megatron_ernie.training.config import compose
-    from megatron_ernie.training.loop import run
+    from megatron_ernie.train import run
 
     cfg = compose([
         "recipe=sft", f"model.init_from={hf_dir}", f"out_dir={out}", f"data.seq_length={a.seq}",

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from megatron_ernie.training.config import ConfigError, RunConfig, compose
+from megatron_ernie.errors import UserError
+from megatron_ernie.training.config import RunConfig, compose
 
 
 def _is_rank_zero() -> bool:
@@ -23,22 +24,16 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("0", "")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from megatron_ernie.conversion.safetensors_io import CheckpointError
-    from megatron_ernie.data.chat import ChatFormatError
-    from megatron_ernie.data.sft import DataError
-    from megatron_ernie.models.ernie.args import ConfigError as ModelConfigError
-    from megatron_ernie.models.ernie.hf_adapter import WeightError
-    from megatron_ernie.runtime.layout import LayoutError
+def run(cfg: RunConfig, progress: bool = True):
+    """One stage: the algorithm its `stage:` names, on the one training loop."""
+    from megatron_ernie import algorithms
+    from megatron_ernie.training import loop
 
-    return (ConfigError, DataError, ChatFormatError, ModelConfigError, LayoutError, CheckpointError, WeightError,
-            FileNotFoundError)
+    return loop.run(cfg, algorithms.build(cfg.stage.value), progress=progress)
 
 
 def run_pipeline(cfg: RunConfig, cli: list[str], progress: bool = True) -> list:
     """Stages of a pipeline recipe; CLI overrides apply to every stage (and win)."""
-    from megatron_ernie.training.loop import run
-
     results, previous = [], None
     passthrough = [o for o in cli if not o.startswith("recipe=")]
     for i, step in enumerate(cfg.pipeline):
@@ -55,7 +50,6 @@ def run_pipeline(cfg: RunConfig, cli: list[str], progress: bool = True) -> list:
 
 def main(argv: list[str] | None = None, progress: bool = True) -> list:
     from megatron_ernie.runtime import shutdown
-    from megatron_ernie.training.loop import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None, progress: bool = True) -> list:
             print(to_yaml(cfg), end="")
             return []
         results = run_pipeline(cfg, argv, progress) if cfg.pipeline else [run(cfg, progress=progress)]
-    except _user_errors() as e:  # bad recipe, data, layout or checkpoint: one clear line, no traceback
+    except UserError as e:  # bad recipe, data, layout, checkpoint or weights: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if _is_rank_zero():

@@ -26,6 +26,8 @@ def hf_model(args: ErnieArgs, seed: int = 0, bias_std: float = 0.05):
         for name, t in model.named_parameters():
             if name.endswith("e_score_correction_bias"):
                 t.normal_(0.0, bias_std)
+            elif name.endswith("mlp.gate.weight"):  # transformers 5 initialises the router to zeros:
+                t.normal_(0.0, 0.1)  # every token would pick the same experts (by the bias alone)
     return model.eval()
 
 
@@ -66,3 +68,5 @@ def spawn(fn, world: int, *args) -> None:
 
 TEST_MOE = preset("ernie45_tiny_moe")
 TEST_DENSE = preset("ernie45_tiny_dense")
+# Rollout-engine tests: vLLM's CPU attention refuses head_dim 16; 64 is the size known to run there.
+ENGINE_MOE = TEST_MOE.replace(name="engine_tiny_moe", head_dim=64)

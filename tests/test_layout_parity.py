@@ -65,8 +65,15 @@ def _one_step(model_name: str, layout: ParallelLayout, workdir: Path):
     batch = fixed_batch(args, GLOBAL_BATCH, SEQ)
     mine = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in mine]
-    result = train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1)
+    result = train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1,
+                        forward_step=sft_forward_step)
     return model, result
+
+
+def sft_forward_step(data_iterator, model):
+    from megatron_ernie.algorithms.sft import forward_step
+
+    return forward_step(data_iterator, model)
 
 
 def run_jobs(rank: int, world: int, names: list[str], workdir: Path) -> None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_rm(rank: int, world: int, workdir: Path, overrides: list[str], tag: str) -> None:
-    from megatron_ernie.training.loop import run
+    from megatron_ernie.train import run
 
     result = run(compose(["recipe=reward_model", *overrides]), progress=False)
     if rank == world - 1:

@@ -95,7 +95,7 @@ LAYOUTS = {"single": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parall
 
 
 def run_layouts(rank: int, world: int, names: list[str], workdir: Path) -> None:
-    from megatron_ernie.training.loop import run
+    from megatron_ernie.train import run
 
     for name in names:
         cfg = compose([*QUICK, "train.steps=3", "optim.eps=1e-6", f"model.init_from={workdir / 'hf'}",

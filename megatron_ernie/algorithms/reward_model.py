@@ -14,14 +14,11 @@ from functools import partial
 
 import torch
 
-from megatron_ernie.algorithms import sft
+from megatron_ernie.algorithms import losses, sft
 from megatron_ernie.models.ernie.hf_adapter import REWARD_HEAD
+from megatron_ernie.training.algorithm import MAIN, Algorithm, Role
 
-HEAD = "scalar"
-ROWS_PER_ITEM = 2  # a dataset item is a pair: two sequences
-KEEP_INIT = (REWARD_HEAD,)  # a language model's weights initialise everything but the head
-REPORT_KEYS = ("lm loss", "pair_accuracy", "reward_margin")
-build_tokenizer = sft.build_tokenizer  # the same rule: data.tokenizer, else init_from's, else the demo one
+REPORT_KEYS = (losses.LOSS_KEY, "pair_accuracy", "reward_margin")
 
 
 def _paths(spec: str | None, default) -> list[str]:
@@ -49,54 +46,62 @@ def sequence_values(output: torch.Tensor, end_index: torch.Tensor) -> torch.Tens
     return output[rows, end_index.to(output.device), 0].float()
 
 
-def bradley_terry_loss(end_index: torch.Tensor, output: torch.Tensor):
-    """Megatron's loss-function contract: (loss sum, count, reports of [sum, count])."""
-    r = sequence_values(output, end_index)
-    margin = r[0::2] - r[1::2]
-    loss_sum = -torch.nn.functional.logsigmoid(margin).sum()
-    n = torch.tensor(margin.numel(), dtype=torch.int)
-    count = float(margin.numel())
-    reports = {
-        "lm loss": torch.stack([loss_sum.detach(), torch.tensor(count)]),
-        "pair_accuracy": torch.stack([(margin > 0).sum().float(), torch.tensor(count)]),
-        "reward_margin": torch.stack([margin.detach().sum(), torch.tensor(count)]),
-    }
-    return loss_sum, n, reports
+def pair_loss(end_index: torch.Tensor, output: torch.Tensor):
+    """The Bradley-Terry loss of a micro-batch's pairs, from the head's outputs."""
+    return losses.bradley_terry_loss(sequence_values(output, end_index))
 
 
-def forward_step(data_iterator, model, loss_func=bradley_terry_loss):
+def forward_step(data_iterator, model, loss_func=pair_loss):
     """`loss_func(end_index, output)`: the BT loss in training; scoring passes one returning the values."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None)  # causal; no labels: the values
     return output, partial(loss_func, batch["end_index"])
 
 
-_EVAL_SETS: dict = {}
+class RewardModel(Algorithm):
+    name = "reward_model"
+    # the head starts fresh on a language model's weights
+    roles = (Role(MAIN, head="scalar", keep_init=(REWARD_HEAD,)),)
+    rows_per_item = 2  # a dataset item is a pair: two sequences
+    curves = ("pair_accuracy", "eval/pair_accuracy", "reward_margin")
 
+    def __init__(self):
+        self._eval_set = None  # rendered once per run, not at every evaluation
 
-def evaluate(model_chunks: list, cfg, tokenizer) -> dict[str, float]:
-    """Pairwise accuracy, margin and loss on the held-out pairs (split over DP ranks)."""
-    from megatron.core import parallel_state as ps
+    def build_tokenizer(self, cfg):
+        return sft.build_tokenizer(cfg)  # the same rule: data.tokenizer, else init_from's, else the demo one
 
-    from megatron_ernie.training.step import forward_only
+    def build_dataset(self, cfg, tokenizer):
+        return build_dataset(cfg, tokenizer)
 
-    key = (cfg.data.eval_path, cfg.data.seq_length, cfg.data.use_reference, id(tokenizer))
-    if key not in _EVAL_SETS:  # rendered once per run, not at every evaluation
-        _EVAL_SETS.clear()
-        _EVAL_SETS[key] = build_dataset(cfg, tokenizer, split="eval")
-    data = _EVAL_SETS[key]
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mbs = cfg.train.micro_batch_size
-    usable = len(data) - len(data) % (dp * mbs)  # every rank runs the same number of microbatches
-    if usable == 0:
-        raise ValueError(f"data.eval_path: {len(data)} pairs, fewer than DP × micro_batch_size = {dp * mbs}")
-    mine = list(range(rank, usable, dp))
-    micro = [microbatch([data[i] for i in mine[k:k + mbs]]) for k in range(0, len(mine), mbs)]
-    reduced = forward_only(model_chunks, micro, forward_step=forward_step, seq_length=cfg.data.seq_length,
-                           micro_batch_size=mbs * ROWS_PER_ITEM, report_keys=REPORT_KEYS)
-    out = {k: s / c for k, (s, c) in reduced.items() if c}
-    return {"eval/pair_accuracy": out["pair_accuracy"], "eval/reward_margin": out["reward_margin"],
-            "eval/loss": out["lm loss"], "eval/pairs": reduced["lm loss"][1]}
+    def microbatch(self, items):
+        return microbatch(items)
 
+    def forward_step(self, role):
+        return forward_step
 
-CURVES = ("pair_accuracy", "eval/pair_accuracy", "reward_margin")
+    def report_keys(self, role):
+        return REPORT_KEYS
+
+    def evaluate(self, run) -> dict[str, float]:
+        """Pairwise accuracy, margin and loss on the held-out pairs (split over DP ranks)."""
+        from megatron_ernie.errors import DataError
+        from megatron_ernie.training.step import forward_only
+
+        cfg = run.cfg
+        if self._eval_set is None:
+            self._eval_set = build_dataset(cfg, run.tokenizer, split="eval")
+        data = self._eval_set
+        mbs = cfg.train.micro_batch_size
+        usable = len(data) - len(data) % (run.dp_size * mbs)  # every rank runs the same number of microbatches
+        if usable == 0:
+            raise DataError(f"data.eval_path: {len(data)} pairs, fewer than DP × micro_batch_size = "
+                            f"{run.dp_size * mbs}")
+        mine = list(range(run.dp_rank, usable, run.dp_size))
+        micro = [microbatch([data[i] for i in mine[k:k + mbs]]) for k in range(0, len(mine), mbs)]
+        reduced = forward_only(run.models[MAIN].chunks, micro, forward_step=forward_step,
+                               seq_length=cfg.data.seq_length, micro_batch_size=mbs * self.rows_per_item,
+                               report_keys=REPORT_KEYS)
+        out = {k: s / c for k, (s, c) in reduced.items() if c}
+        return {"eval/pair_accuracy": out["pair_accuracy"], "eval/reward_margin": out["reward_margin"],
+                "eval/loss": out[losses.LOSS_KEY], "eval/pairs": reduced[losses.LOSS_KEY][1]}

@@ -1,29 +1,27 @@
 """SFT: batches of packed chat samples, loss = token NLL on assistant tokens only.
 
-Its batch producer is the chat dataset (`data/sft.py`); its loss is the training step's masked
-token loss. Packed sequences carry `doc_ids`: attention is made block-causal per document here
-(on the local spec, as an explicit mask), positions already restart per document.
+Its source is the chat dataset (`data/sft.py`) in static global batches; its loss is
+`losses.masked_token_loss`. Packed sequences carry `doc_ids`: attention is made block-causal per
+document here (on the local spec, as an explicit mask), positions already restart per document.
 """
 from __future__ import annotations
 
 from functools import partial
 
-from megatron_ernie.training.step import masked_token_loss
+from megatron_ernie.algorithms.losses import masked_token_loss
+from megatron_ernie.training.algorithm import Algorithm
 
 
 def build_tokenizer(cfg):
-    """The run's tokenizer: `data.tokenizer`, else the HF model dir we start from, else the demo one."""
-    from pathlib import Path
-
+    """The run's tokenizer: `data.tokenizer`, else the one of the model we start from (an HF dir,
+    or a checkpoint's `hf/` copy), else the demo one."""
+    from megatron_ernie.conversion.locate import locate
     from megatron_ernie.data.tokenizer import demo_tokenizer, load_tokenizer
 
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
-    init = cfg.model.init_from
-    for candidate in ([Path(init), Path(init) / "hf"] if init else []):  # HF dir, or a converted checkpoint's copy
-        if (candidate / "tokenizer_config.json").exists():
-            return load_tokenizer(candidate)
-    return demo_tokenizer()
+    found = locate(cfg.model.init_from).tokenizer if cfg.model.init_from else None
+    return load_tokenizer(found) if found is not None else demo_tokenizer()
 
 
 def build_dataset(cfg, tokenizer):
@@ -53,3 +51,17 @@ def forward_step(data_iterator, model):
     return output, partial(masked_token_loss, batch["loss_mask"])
 
 
+class SFT(Algorithm):
+    name = "sft"
+
+    def build_tokenizer(self, cfg):
+        return build_tokenizer(cfg)
+
+    def build_dataset(self, cfg, tokenizer):
+        return build_dataset(cfg, tokenizer)
+
+    def microbatch(self, items):
+        return microbatch(items)
+
+    def forward_step(self, role):
+        return forward_step

@@ -16,14 +16,13 @@ def parse_size(text: str) -> int:
 
 
 def _run(fn) -> int:
-    """Run fn(); expected failures print one clear line instead of a traceback."""
-    from megatron_ernie.conversion.safetensors_io import CheckpointError
-    from megatron_ernie.models.ernie.args import ConfigError
-    from megatron_ernie.runtime.layout import LayoutError
+    """Run fn(); what the user can fix (a `UserError`: a bad checkpoint, config or layout, an existing
+    output) prints one clear line instead of a traceback and exits 2."""
+    from megatron_ernie.errors import UserError
 
     try:
         fn()
-    except (CheckpointError, ConfigError, LayoutError, FileExistsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -44,7 +43,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         h.add_argument(flag, type=int, default=1, help="layout to check the model against (recorded)")
     h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors (default: keep)")
     m = sub.add_parser("mcore-to-hf", help="Megatron checkpoint (any layout) -> HF safetensors directory")
-    m.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    m.add_argument("--mcore", required=True,
+                   help="Megatron checkpoint directory, or a training run (its latest complete checkpoint)")
     m.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
     m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors (default: keep)")
     m.add_argument("--config", help="HF config.json or preset name, when the checkpoint has no hf/config.json")
@@ -76,8 +76,9 @@ def merge_main(argv: list[str] | None = None) -> int:
         description="Take parameter groups of checkpoint A into checkpoint B (or interpolate B + alpha(A - B)). "
         "Both HF directories or both Megatron checkpoints; B's other tensors are copied unchanged.",
     )
-    p.add_argument("--a", required=True, help="checkpoint the chosen groups come from")
-    p.add_argument("--b", required=True, help="base checkpoint")
+    p.add_argument("--a", required=True, help="checkpoint the chosen groups come from (HF dir, Megatron "
+                   "checkpoint or training run)")
+    p.add_argument("--b", required=True, help="base checkpoint (the same kind as --a)")
     p.add_argument("--out", required=True)
     p.add_argument("--groups", default="experts", help=f"comma list of {sorted(GROUPS)} (default: experts)")
     p.add_argument("--layers", help="decoder layer range, e.g. 3-27 (default: all)")

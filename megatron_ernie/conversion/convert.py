@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from megatron_ernie.conversion.locate import ASSETS, locate
 from megatron_ernie.conversion.mcore_format import Chunk, McoreCheckpoint, write_checkpoint
 from megatron_ernie.conversion.prefetch import prefetch
 from megatron_ernie.conversion.safetensors_io import (
@@ -46,7 +47,6 @@ from megatron_ernie.models.ernie.hf_adapter import (
 )
 from megatron_ernie.runtime.atomic import atomic_directory, check_target
 
-ASSETS = "hf"  # inside a Megatron checkpoint: the HF source's config, tokenizer, templates
 INFO = "megatron_ernie.json"
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,8 +146,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     """
     from megatron_ernie.runtime.layout import ParallelLayout
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
+    hf_dir = locate(hf_dir, kind="hf").dir
     dtype = parse_dtype(dtype)
     args = from_hf_config(hf_dir / "config.json")
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1)  # SP never changes storage
@@ -208,9 +209,11 @@ def _expected_key_shape(name: str, args: ErnieArgs, mtp_moe) -> tuple[str, int |
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
                 config: str | Path | None = None, overwrite: bool = False, progress: bool = True,
                 max_shard_bytes: int = 5 * 1024**3) -> Report:
-    """Convert a Megatron-Core torch_dist checkpoint (any layout) into an HF directory."""
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    """Convert a Megatron-Core torch_dist checkpoint (any layout; or a training run: its latest
+    complete checkpoint) into an HF directory."""
+    out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
+    mcore_dir = locate(mcore_dir, kind="mcore").dir
     dtype = parse_dtype(dtype)
     ck = McoreCheckpoint(mcore_dir)
     if REWARD_HEAD in ck.tensors:  # a causal-LM export would silently drop the head

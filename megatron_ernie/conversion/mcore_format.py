@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ernie.conversion.locate import is_dist_checkpoint
 from megatron_ernie.conversion.prefetch import prefetch
 from megatron_ernie.conversion.safetensors_io import CheckpointError, WriteBehind, nbytes
 
@@ -204,7 +205,7 @@ class McoreCheckpoint:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         meta_json = self.root / "metadata.json"
-        if not meta_json.exists() or not (self.root / ".metadata").exists():
+        if not is_dist_checkpoint(self.root):
             raise CheckpointError(f"{self.root}: not a Megatron-Core dist checkpoint (no metadata.json / .metadata)")
         backend = json.loads(meta_json.read_text()).get("sharded_backend")
         if backend != "torch_dist":

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_ernie.conversion.convert import ASSETS, INFO
+from megatron_ernie.conversion.convert import INFO
+from megatron_ernie.conversion.locate import ASSETS
 from megatron_ernie.conversion.mcore_format import McoreCheckpoint, sync_save_strategy
 from megatron_ernie.conversion.safetensors_io import CheckpointError
 from megatron_ernie.models.ernie.hf_adapter import unwrap_model
-from megatron_ernie.runtime.atomic import publish, temp_sibling
+from megatron_ernie.runtime.atomic import check_target, publish, temp_sibling
 from megatron_ernie.runtime.distributed import barrier, rank
 
 
@@ -81,8 +82,7 @@ def save_sharded(state: dict, target: Path, overwrite: bool = False, finish=None
     target = Path(target)
     names = [None]
     if rank() == 0:
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists")
+        check_target(target, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(target)
         tmp.mkdir()

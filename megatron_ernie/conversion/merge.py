@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from megatron_ernie.conversion.convert import (
-    ASSETS,
     INFO,
     _hf_assets,
     _layer_of,
@@ -28,6 +27,7 @@ from megatron_ernie.conversion.convert import (
     mcore_args,
     mcore_chunks,
 )
+from megatron_ernie.conversion.locate import ASSETS, locate
 from megatron_ernie.conversion.mcore_format import McoreCheckpoint, write_checkpoint
 from megatron_ernie.conversion.safetensors_io import (
     CheckpointError,
@@ -163,24 +163,18 @@ def check_compatible(a: ErnieArgs, b: ErnieArgs, where: str) -> None:
         )
 
 
-def _kind(path: Path) -> str:
-    if (path / "metadata.json").exists() and (path / ".metadata").exists():
-        return "mcore"
-    if (path / "config.json").exists():
-        return "hf"
-    raise CheckpointError(f"{path}: neither an HF directory (config.json) nor a Megatron checkpoint (metadata.json)")
-
-
 def merge_checkpoints(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path, spec: MergeSpec,
                       overwrite: bool = False, progress: bool = True) -> MergeReport:
-    """Write B with `spec`'s parameter groups taken from (or interpolated towards) A."""
-    a_dir, b_dir, out_dir = Path(a_dir), Path(b_dir), Path(out_dir)
+    """Write B with `spec`'s parameter groups taken from (or interpolated towards) A. A and B are
+    both HF directories or both Megatron checkpoints (a training run: its latest complete one)."""
+    out_dir = Path(out_dir)
     check_target(out_dir, overwrite)
-    kinds = {_kind(a_dir), _kind(b_dir)}
-    if len(kinds) != 1:
-        raise CheckpointError(f"{a_dir} and {b_dir} are different checkpoint formats ({sorted(kinds)}); convert one first")
-    merge = _merge_hf if kinds == {"hf"} else _merge_mcore
-    return merge(a_dir, b_dir, out_dir, spec, overwrite, progress)
+    a, b = locate(a_dir), locate(b_dir)
+    if a.kind != b.kind:
+        raise CheckpointError(f"{a.dir} ({a.kind}) and {b.dir} ({b.kind}) are different checkpoint formats; "
+                              "convert one first")
+    merge = _merge_hf if a.kind == "hf" else _merge_mcore
+    return merge(a.dir, b.dir, out_dir, spec, overwrite, progress)
 
 
 def _check_selection(selections: dict, spec: MergeSpec, args: ErnieArgs, where: Path) -> None:

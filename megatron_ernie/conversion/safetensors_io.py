@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_ernie.errors import CheckpointError  # the conversion room's error (importable from here)
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DTYPES = {
@@ -36,10 +38,6 @@ def nbytes(shape, dtype: torch.dtype) -> int:
     for size in shape:
         n *= size
     return n
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written as asked; the message names file and tensor."""
 
 
 @dataclass(frozen=True)

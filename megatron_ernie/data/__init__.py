@@ -1,1 +1,1 @@
-"""Data room: tokenizers and batch producers (plain text now; chat/SFT, pairs and prompts next)."""
+"""Data room: tokenizers, the chat format, SFT and preference datasets (see docs/architecture.md)."""

@@ -35,7 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence, Union
 
-from megatron_ernie.data.tokenizer import BOS, EOS, THINK_CLOSE, THINK_OPEN
+from megatron_ernie.data.special_tokens import BOS, EOS, THINK_CLOSE, THINK_OPEN
+from megatron_ernie.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("all_assistant", "last_assistant")
@@ -60,8 +61,9 @@ def _response(part, trained: bool) -> Segment:
     return Segment(part, trained, prompt=False)
 
 
-class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered (bad roles, order, or types)."""
+class ChatFormatError(DataError):
+    """A conversation that cannot be rendered (bad roles, order, or types, or a chat template that
+    cannot give a loss mask); callers reading a file prefix it with `file:line`."""
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def response_parts(message: Message, empty_think: bool) -> tuple[str, str]:
 def trained_turns(messages: Sequence[Message], loss_on: str) -> set[int]:
     """Indices of the assistant messages that get loss."""
     if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        raise ConfigError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     return set(turns if loss_on == "all_assistant" else turns[-1:])
 

@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 
 from megatron_ernie.data.chat import ChatFormatError, render_messages, validate_messages
-from megatron_ernie.data.sft import DataError, _as_paths, read_jsonl
+from megatron_ernie.data.sft import _as_paths, read_jsonl
+from megatron_ernie.errors import ConfigError, DataError
 
 BUNDLED_PAIRS = "preference_demo.jsonl"
 BUNDLED_PAIRS_EVAL = "preference_demo_eval.jsonl"
@@ -131,15 +132,18 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __init__(self, path_or_paths, tokenizer, seq_length: int, *, overlong: str = "truncate",
                  empty_think: bool = True, use_reference: bool = True):
         if overlong not in ("truncate", "drop"):
-            raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+            raise ConfigError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
         self.seq_length = seq_length
         self.pairs: list[PreferencePair] = []
         self.rows: list[tuple[list[int], list[int]]] = []
         self.stats = dict(pairs=0, truncated=0, dropped_overlong=0, with_reference=0)
         for pair in load_pairs(path_or_paths):
             ref = pair.reference if use_reference else None
-            ids = [reward_input_ids(pair.messages, r, tokenizer, reference=ref, empty_think=empty_think)
-                   for r in (pair.chosen, pair.rejected)]
+            try:
+                ids = [reward_input_ids(pair.messages, r, tokenizer, reference=ref, empty_think=empty_think)
+                       for r in (pair.chosen, pair.rejected)]
+            except ChatFormatError as e:
+                raise DataError(f"{pair.source}: {e}") from None
             kept = [fit(x, seq_length, overlong) for x in ids]
             if any(k is None for k in kept):
                 self.stats["dropped_overlong"] += 1

@@ -17,7 +17,8 @@ JSONL format, one sample per line (blank lines are skipped; line numbers count f
   non-thinking sample, its assistant turns without reasoning get the empty think block
   `<think>\\n\\n</think>\\n\\n` (input only, loss 0); true = they are rendered bare.
 - `domain`: carried through to `SFTDataset.documents[i].domain` (e.g. for per-domain stats).
-Errors name `file:line` (`DataError`); a missing file raises `FileNotFoundError`.
+Errors name `file:line` (`errors.DataError`); a missing file raises `DataFileNotFoundError` (a
+DataError and a FileNotFoundError).
 
 Rows (`SFTDataset[i]`, all 1-D tensors of length `seq_length`):
     tokens       int64  input ids
@@ -44,15 +45,11 @@ from typing import Iterable, Sequence
 import torch
 
 from megatron_ernie.data.chat import ChatFormatError, RenderedSample, render_messages, validate_messages
+from megatron_ernie.errors import ConfigError, DataError, DataFileNotFoundError
 
 BUNDLED_SFT = "sft_demo.jsonl"
 OVERLONG = ("truncate", "drop")
 PAD_DOC = -1
-ROW_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "doc_ids")
-
-
-class DataError(ValueError):
-    """Bad SFT data; the message starts with `file:line` (or the file) where it was found."""
 
 
 def bundled_sft_path() -> Path:
@@ -77,7 +74,7 @@ def _as_paths(path_or_paths) -> list[Path]:
 def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     """(line number, object) for every non-blank line."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFoundError(f"{path}: data file not found")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -178,7 +175,7 @@ def fit_length(rendered: RenderedSample, max_tokens: int, overlong: str) -> Rend
 def render_all(samples: Sequence[RawSample], tokenizer, seq_length: int, *, overlong: str, empty_think: bool,
                loss_on: str, stats: dict) -> tuple[list[RenderedSample], list[Document]]:
     if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+        raise ConfigError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     rendered, documents = [], []
     for sample in samples:
         full = render_sample(sample, tokenizer, empty_think=empty_think, loss_on=loss_on)

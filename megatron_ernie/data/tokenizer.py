@@ -15,13 +15,16 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-UNK = "<unk>"
-BOS = "<|begin_of_sentence|>"
-EOS = "<|end_of_sentence|>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-SPECIAL_TOKENS = (UNK, BOS, EOS)            # ids 0, 1, 2 (pad = unk = 0, as in ERNIE's configs)
-THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)    # ids 3, 4
+from megatron_ernie.data.special_tokens import (  # noqa: F401 - re-exported: the tokens' usual home
+    BOS,
+    EOS,
+    SPECIAL_TOKENS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    THINK_TOKENS,
+    UNK,
+)
+from megatron_ernie.errors import ConfigError
 
 
 def load_tokenizer(path: str | Path | None):
@@ -74,7 +77,7 @@ def _wrap(tokenizer_json: str):
 def build_demo_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A byte-level BPE of at most `vocab_size` ids trained on `texts`, with ERNIE's special ids."""
     if vocab_size < 256 + len(SPECIAL_TOKENS) + len(THINK_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} cannot hold the 256 bytes and the special tokens")
+        raise ConfigError(f"vocab_size {vocab_size} cannot hold the 256 bytes and the special tokens")
     tokenizer = _wrap(_train_bpe_json(tuple(texts), vocab_size))
     assert len(tokenizer) <= vocab_size, (len(tokenizer), vocab_size)
     return tokenizer

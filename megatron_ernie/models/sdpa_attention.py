@@ -17,6 +17,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_ernie.errors import LayoutError
+
 
 class SDPAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
@@ -24,7 +26,8 @@ class SDPAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise ValueError("SDPAttention does not implement context parallelism; use the TE spec")
+            raise LayoutError(f"cp={config.context_parallel_size}: the local spec's SDPAttention does not implement "
+                              "context parallelism; use the TE spec")
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)

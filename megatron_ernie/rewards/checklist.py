@@ -35,12 +35,12 @@ from typing import Any, Callable
 
 import regex
 
-from megatron_ernie.rewards.registry import register_source
+from megatron_ernie.errors import DataError
 from megatron_ernie.rewards.text import strip_think
-from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample, register_source
 
 
-class CriterionError(ValueError):
+class CriterionError(DataError):
     """A malformed criterion: which one (index) and which key is wrong."""
 
     def __init__(self, index: int, key: str, message: str):

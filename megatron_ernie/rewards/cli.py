@@ -15,17 +15,20 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_ernie.errors import UserError
 from megatron_ernie.rewards.types import RewardSample
 
 _FIELDS = {f.name for f in dataclasses.fields(RewardSample)} - {"meta"}
 
 
-class InputError(ValueError):
-    pass
+class InputError(UserError, ValueError):
+    """A command-line input that cannot be used (samples / prompts file, --rewards config); the
+    message names the file (and line)."""
 
 
 def read_records(path: Path, need_response: bool) -> list[dict]:
-    from megatron_ernie.data.sft import DataError, read_jsonl
+    from megatron_ernie.data.sft import read_jsonl
+    from megatron_ernie.errors import DataError
 
     records = []
     try:
@@ -35,7 +38,7 @@ def read_records(path: Path, need_response: bool) -> list[dict]:
             if need_response and not isinstance(obj.get("response"), str):
                 raise InputError(f"{path}:{lineno}: missing string 'response'")
             records.append(obj)
-    except (DataError, FileNotFoundError) as e:
+    except DataError as e:  # malformed JSON, or the file missing (DataFileNotFoundError)
         raise InputError(str(e)) from None
     if not records:
         raise InputError(f"{path}: no records")
@@ -49,6 +52,7 @@ def to_sample(record: dict) -> RewardSample:
 
 
 def load_router(path: str):
+    import yaml
     from omegaconf import OmegaConf
 
     from megatron_ernie.rewards.router import RewardConfigError, RewardRouter
@@ -56,7 +60,11 @@ def load_router(path: str):
     if not Path(path).is_file():
         raise InputError(f"--rewards {path}: no such file")
     try:
-        return RewardRouter.from_config(OmegaConf.load(path))
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return RewardRouter.from_config(cfg)
     except RewardConfigError as e:
         raise InputError(f"{path}: {e}") from None
 
@@ -79,7 +87,7 @@ def score_main(argv=None) -> int:
     try:
         records = read_records(args.samples, need_response=True)
         router = load_router(args.rewards)
-    except InputError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with atomic_file(args.out) as f, tqdm(total=len(records), unit="sample", desc="score") as bar:
@@ -120,7 +128,7 @@ def prefilter_main(argv=None) -> int:
         records = read_records(args.prompts, need_response=False)
         router = load_router(args.rewards)
         backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
-    except (InputError, OSError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:  # the model: a missing directory, an unusable config
         print(f"error: {e}", file=sys.stderr)
         return 2
     sampler = backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

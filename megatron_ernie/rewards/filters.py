@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from megatron_ernie.errors import ConfigError, DataError
 from megatron_ernie.rewards.types import RewardResult, RewardSample
 from megatron_ernie.runtime.atomic import atomic_file
 
@@ -44,7 +45,7 @@ def _reward_of(value) -> float:
 def _group_of(i: int, item) -> str:
     group = item if isinstance(item, str) else getattr(item, "group", None)
     if not isinstance(group, str) or not group:
-        raise ValueError(f"sample {i} has no group (filters work on prompt groups)")
+        raise DataError(f"sample {i} has no group (filters work on prompt groups)")
     return group
 
 
@@ -152,9 +153,9 @@ def prefilter_prompts(prompts: Iterable[RewardSample | Mapping | str], sampler: 
 
 def _check_bounds(k: int, low: float, high: float, batch_size: int) -> None:
     if k < 1 or batch_size < 1:
-        raise ValueError("k and batch_size must be >= 1")
+        raise ConfigError("k and batch_size must be >= 1")
     if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+        raise ConfigError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
 
 
 def _verdict(rate: float, low: float, high: float) -> str:
@@ -208,7 +209,7 @@ def _as_sample(record, index: int) -> RewardSample:
         meta = {**record.get("meta", {}), **{k: v for k, v in record.items() if k not in _SAMPLE_FIELDS | {"meta"}}}
         sample = RewardSample(response="", meta=meta, **known)
     else:
-        raise ValueError(f"prompt {index} must be a RewardSample, a string, or a mapping with a string 'prompt'")
+        raise DataError(f"prompt {index} must be a RewardSample, a string, or a mapping with a string 'prompt'")
     return sample if sample.group else dataclasses.replace(sample, group=str(index))
 
 

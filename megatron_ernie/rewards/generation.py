@@ -3,11 +3,13 @@
 One small protocol, `GenerationBackend.generate(prompts, *, max_new_tokens, temperature, seed)`:
 a batch of plain user messages in, one completion (new text only) per prompt out, greedy and
 deterministic at temperature 0. Implementations here:
-- `HFGenerationBackend`: a `transformers` causal LM + tokenizer in this process (tests, small
-  judges); each prompt becomes an ERNIE chat user turn (the tokenizer's chat template when it has
-  one, else `data/chat.py`'s built-in rendering), batched with left padding;
-- `CallableBackend`: wraps a function, for fixed outputs in tests.
-The RL engines (in-process, vLLM) implement the same protocol. `build_backend` turns a recipe's
+- `EngineBackend`: a thin adapter over a token-level rollout engine (`rl.engine`: the
+  transformers, vLLM or in-process Megatron engine): each prompt becomes an ERNIE chat user turn
+  (the tokenizer's chat template when it has one, else `data/chat.py`'s built-in rendering), the
+  engine generates token ids, the new tokens are decoded;
+- `HFGenerationBackend`: that adapter over `rl.hf_engine.HFEngine`, a `transformers` causal LM +
+  tokenizer in this process (tests, small judges), batched with left padding;
+- `CallableBackend`: wraps a function, for fixed outputs in tests. `build_backend` turns a recipe's
 `backend:` option (an object, or `{type: hf, path: ...}`) into a backend.
 """
 from __future__ import annotations
@@ -57,23 +59,79 @@ class CallableBackend:
         return check_outputs(prompts, self.fn(prompts))
 
 
-class HFGenerationBackend:
-    """A `transformers` causal LM generating in-process.
+class EngineBackend:
+    """Text generation over a token-level rollout engine (`rl.engine.RolloutEngine`: HFEngine,
+    VLLMEngine, the Megatron engine), so judges and the pre-filter run on any of them.
 
-    `thinking=False` appends ERNIE's empty think block to each prompt (the non-thinking mode of a
-    fused model); `batch_size` bounds how many prompts go through `model.generate` at once;
-    `generation_kwargs` are passed to `generate` as is (e.g. top_p for sampling)."""
+    Each prompt becomes an ERNIE chat user turn (the tokenizer's chat template when it has one, else
+    `data/chat.py`'s built-in rendering); `thinking=False` appends ERNIE's empty think block (the
+    non-thinking mode of a fused model). The tokenizer's EOS stops generation besides the engine's
+    own; the new tokens are decoded without the stop token and special tokens. `batch_size` bounds
+    the prompts per engine call (chunk k gets `seed + k * batch_size`: the same seeds whatever
+    the chunking). `sampling`: further SamplingParams fields for every call (top_p, top_k,
+    stop_token_ids)."""
 
-    def __init__(self, model, tokenizer, *, thinking: bool = True, batch_size: int | None = None,
-                 generation_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, engine, tokenizer, *, thinking: bool = True, batch_size: int | None = None,
+                 sampling: Mapping[str, Any] | None = None):
+        from megatron_ernie.rl.engine import SamplingParams
+
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.eval()
+        self.engine = engine
         self.tokenizer = tokenizer
         self.thinking = thinking
         self.batch_size = batch_size
-        self.generation_kwargs = dict(generation_kwargs or {})
+        self.sampling = dict(sampling or {})
+        fields = set(SamplingParams.__dataclass_fields__) - {"max_new_tokens", "temperature", "seed",
+                                                             "return_routed_experts"}
+        unknown = sorted(set(self.sampling) - fields)
+        if unknown:
+            raise ValueError(f"sampling option(s) {', '.join(unknown)}: not one of {', '.join(sorted(fields))}")
+        stops = tuple(self.sampling.pop("stop_token_ids", ()))
+        eos = tokenizer.eos_token_id
+        self.stop_token_ids = stops + ((int(eos),) if eos is not None and eos not in stops else ())
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        from megatron_ernie.data.chat import prompt_ids
+
+        return prompt_ids([{"role": "user", "content": prompt}], self.tokenizer, thinking=self.thinking)
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, seed=None):
+        from megatron_ernie.rl.engine import FINISH_STOP, SamplingParams
+
+        prompts = list(prompts)
+        step = self.batch_size or max(len(prompts), 1)
+        out: list[str] = []
+        for start in range(0, len(prompts), step):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    seed=None if seed is None else seed + start,
+                                    stop_token_ids=self.stop_token_ids, **self.sampling)
+            ids = [self.prompt_ids(p) for p in prompts[start:start + step]]
+            for c in self.engine.generate(ids, params):
+                tokens = c.token_ids[:-1] if c.finish_reason == FINISH_STOP else c.token_ids
+                out.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        return check_outputs(prompts, out)
+
+
+class HFGenerationBackend(EngineBackend):
+    """A `transformers` causal LM generating in-process: `EngineBackend` over `rl.hf_engine.HFEngine`.
+
+    `thinking=False` appends ERNIE's empty think block to each prompt (the non-thinking mode of a
+    fused model); `batch_size` bounds how many prompts go through `model.generate` at once;
+    `generation_kwargs`: top_p / top_k / stop_token_ids become SamplingParams, anything else is a
+    transformers GenerationConfig field passed to every `generate` (e.g. repetition_penalty)."""
+
+    def __init__(self, model, tokenizer, *, thinking: bool = True, batch_size: int | None = None,
+                 generation_kwargs: Mapping[str, Any] | None = None):
+        from megatron_ernie.rl.hf_engine import HFEngine
+
+        kwargs = dict(generation_kwargs or {})
+        sampling = {k: kwargs.pop(k) for k in ("top_p", "top_k", "stop_token_ids") if k in kwargs}
         self.pad_id = _pad_id(tokenizer)
+        engine = HFEngine(model, pad_token_id=self.pad_id, generate_kwargs=kwargs)
+        super().__init__(engine, tokenizer, thinking=thinking, batch_size=batch_size, sampling=sampling)
+        self.model = engine.model
+        self.generation_kwargs = dict(generation_kwargs or {})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, tokenizer: str | Path | None = None,
@@ -88,61 +146,12 @@ class HFGenerationBackend:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device)
         return cls(model, _load_backend_tokenizer(path, tokenizer), **kwargs)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        from megatron_ernie.data.chat import prompt_ids
-
-        return prompt_ids([{"role": "user", "content": prompt}], self.tokenizer, thinking=self.thinking)
-
-    def generate(self, prompts, *, max_new_tokens, temperature=0.0, seed=None):
-        prompts = list(prompts)
-        step = self.batch_size or max(len(prompts), 1)
-        out: list[str] = []
-        for start in range(0, len(prompts), step):
-            chunk_seed = None if seed is None else seed + start
-            out += self._generate_chunk(prompts[start:start + step], max_new_tokens, temperature, chunk_seed)
-        return out
-
-    def _generate_chunk(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                        seed: int | None) -> list[str]:
-        import torch
-
-        ids, mask = _left_pad([self.prompt_ids(p) for p in prompts], self.pad_id, self.model.device)
-        sample = temperature > 0
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=self.pad_id,
-                      eos_token_id=self.tokenizer.eos_token_id)
-        if sample:
-            kwargs["temperature"] = temperature
-        kwargs.update(self.generation_kwargs)
-        # A seed must not disturb the caller's global RNG (e.g. the trainer's).
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            generated = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        new_tokens = generated[:, ids.shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-
 
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer has neither a pad nor an eos token; cannot batch prompts")
     return pad
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device):
-    """Left padding, so every row's last prompt token sits at the same position and generation
-    continues all rows in step."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _load_backend_tokenizer(model_path, tokenizer):

@@ -45,10 +45,10 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.rewards.generation import GenerationBackend, build_backend, check_outputs
-from megatron_ernie.rewards.registry import register_source
 from megatron_ernie.rewards.text import THINK_CLOSE, THINK_OPEN, strip_think
-from megatron_ernie.rewards.types import RewardResult, RewardSample
+from megatron_ernie.rewards.types import RewardResult, RewardSample, register_source
 
 UNPARSABLE = "unparsable judge output"
 
@@ -92,7 +92,7 @@ names exactly as listed above."""
 
 
 # --- templates -------------------------------------------------------------------------------
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """A judge template with unknown, missing or malformed placeholders."""
 
 
@@ -291,26 +291,26 @@ def build_dimensions(spec) -> tuple[Dimension, ...]:
 
 def _dimension(name, value) -> Dimension:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-        raise ValueError(f"GRM dimension name {name!r} must be a word (letters, digits, _)")
+        raise ConfigError(f"GRM dimension name {name!r} must be a word (letters, digits, _)")
     if isinstance(value, Mapping):
         unknown = set(value) - {"weight", "description"}
         if unknown:
-            raise ValueError(f"GRM dimension {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"GRM dimension {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
         return Dimension(name, float(value.get("weight", 1.0)), str(value.get("description", "")))
     return Dimension(name, float(value))
 
 
 def _check_dimensions(dims: tuple[Dimension, ...]) -> None:
     if not dims:
-        raise ValueError("GRM needs at least one dimension")
+        raise ConfigError("GRM needs at least one dimension")
     keys = [dimension_key(d.name) for d in dims]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"GRM dimensions repeat a name: {[d.name for d in dims]}")
+        raise ConfigError(f"GRM dimensions repeat a name: {[d.name for d in dims]}")
     for d in dims:
         if not (math.isfinite(d.weight) and d.weight >= 0):
-            raise ValueError(f"GRM dimension {d.name!r}: weight must be finite and >= 0, got {d.weight}")
+            raise ConfigError(f"GRM dimension {d.name!r}: weight must be finite and >= 0, got {d.weight}")
     if sum(d.weight for d in dims) <= 0:
-        raise ValueError("GRM dimension weights sum to 0")
+        raise ConfigError("GRM dimension weights sum to 0")
 
 
 # --- the judges ------------------------------------------------------------------------------
@@ -332,13 +332,13 @@ class LLMJudge:
                  retry_temperature: float = 0.7, fallback_reward: float = 0.0,
                  max_response_chars: int | None = 8000, keep_output_chars: int = 1000):
         if backend is None:
-            raise ValueError(f"{type(self).__name__} needs a `backend`")
+            raise ConfigError(f"{type(self).__name__} needs a `backend`")
         if retries < 0 or max_new_tokens < 1:
-            raise ValueError("retries must be >= 0 and max_new_tokens >= 1")
+            raise ConfigError("retries must be >= 0 and max_new_tokens >= 1")
         if retries and retry_temperature <= 0:
-            raise ValueError("retry_temperature must be > 0 (a greedy retry repeats the same output)")
+            raise ConfigError("retry_temperature must be > 0 (a greedy retry repeats the same output)")
         if max_response_chars is not None and max_response_chars < 1:
-            raise ValueError("max_response_chars must be >= 1 or None")
+            raise ConfigError("max_response_chars must be >= 1 or None")
         self.template = check_template(template if template is not None else self.default_template,
                                        self.required_fields, self.optional_fields)
         self.backend: GenerationBackend = build_backend(backend)
@@ -492,7 +492,7 @@ class GRMJudge(LLMJudge):
 
     def __init__(self, backend=None, *, dimensions=None, out_of_range: str = "reject", **kwargs):
         if out_of_range not in ("reject", "clamp"):
-            raise ValueError(f"out_of_range must be 'reject' or 'clamp', got {out_of_range!r}")
+            raise ConfigError(f"out_of_range must be 'reject' or 'clamp', got {out_of_range!r}")
         self.dimensions = build_dimensions(dimensions)
         self.out_of_range = out_of_range
         super().__init__(backend, **kwargs)

@@ -60,15 +60,15 @@ import re
 import time
 from dataclasses import dataclass, replace
 
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.rewards.maths_answers import (Number, Rules, _atom, _Atom, _key, _MAX_ELEMENTS,
                                                   _Seq, _SCI, _structure, _THOUSANDS_COMMA, _TooBig, make_rules,
                                                   normalize_answer, numbers_equal, parse_number)
 from megatron_ernie.rewards.maths_extract import (extract, extract_answer, extract_answer_phrase,  # noqa: F401
                                                   extract_boxed, reference_answer)
 from megatron_ernie.rewards.maths_worker import SympyPool, SympyWorkerError, default_pool  # noqa: F401 - interface
-from megatron_ernie.rewards.registry import register_source
 from megatron_ernie.rewards.text import strip_think  # noqa: F401 - part of this module's interface
-from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample, register_source
 
 # ---------------------------------------------------------------------------------------------
 # Equivalence
@@ -340,9 +340,9 @@ class MathVerifier(PerSampleSource):
                  decimal_comma: bool | None = None, mixed_numbers: bool | None = None,
                  fallback: str | None = None, prestart: bool = True, workers: int | None = None):
         if tolerance < 0 or abs_tolerance < 0 or timeout_s <= 0:
-            raise ValueError("tolerance and abs_tolerance must be >= 0 and timeout_s > 0")
+            raise ConfigError("tolerance and abs_tolerance must be >= 0 and timeout_s > 0")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self.rules = make_rules(strictness, units=units, thousands_separators=thousands_separators,
                                 decimal_comma=decimal_comma, mixed_numbers=mixed_numbers, fallback=fallback)
         if not percent_equivalence:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
+from megatron_ernie.errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------
 # Rules (configurable strictness)
 # ---------------------------------------------------------------------------------------------
@@ -35,16 +37,16 @@ DEFAULT_RULES = Rules()
 
 def make_rules(strictness: str = "default", **overrides) -> Rules:
     if strictness not in STRICTNESS:
-        raise ValueError(f"strictness={strictness!r}: expected one of {sorted(STRICTNESS)}")
+        raise ConfigError(f"strictness={strictness!r}: expected one of {sorted(STRICTNESS)}")
     unknown = set(overrides) - set(_RULE_NAMES)
     if unknown:
         raise TypeError(f"unknown rule option(s) {sorted(unknown)}; known: {list(_RULE_NAMES)}")
     rules = replace(STRICTNESS[strictness], **{k: v for k, v in overrides.items() if v is not None})
     if rules.fallback not in ("last_line", "none"):
-        raise ValueError(f"fallback={rules.fallback!r}: expected 'last_line' or 'none'")
+        raise ConfigError(f"fallback={rules.fallback!r}: expected 'last_line' or 'none'")
     for name in _RULE_NAMES[:-1]:
         if not isinstance(getattr(rules, name), bool):
-            raise ValueError(f"{name} must be true or false, got {getattr(rules, name)!r}")
+            raise ConfigError(f"{name} must be true or false, got {getattr(rules, name)!r}")
     return rules
 
 

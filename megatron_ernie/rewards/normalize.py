@@ -28,6 +28,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Hashable, Iterable, Sequence
 
+from megatron_ernie.errors import CheckpointError, ConfigError
+
 MODES = ("zscore", "minmax", "none")
 BELOW_MIN = ("center", "pass")
 STATE_VERSION = 1
@@ -87,15 +89,15 @@ class RewardNormalizer:
     def __init__(self, mode: str = "zscore", *, momentum: float | None = None, eps: float = 1e-6,
                  min_count: int = 2, below_min: str = "center", clip: float | None = None):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if below_min not in BELOW_MIN:
-            raise ValueError(f"below_min must be one of {', '.join(BELOW_MIN)}, got {below_min!r}")
+            raise ConfigError(f"below_min must be one of {', '.join(BELOW_MIN)}, got {below_min!r}")
         if momentum is not None and not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1] or None (exact statistics), got {momentum}")
+            raise ConfigError(f"momentum must be in (0, 1] or None (exact statistics), got {momentum}")
         if eps <= 0 or min_count < 1:
-            raise ValueError("eps must be > 0 and min_count >= 1")
+            raise ConfigError("eps must be > 0 and min_count >= 1")
         if clip is not None and clip <= 0:
-            raise ValueError(f"clip must be > 0 or None, got {clip}")
+            raise ConfigError(f"clip must be > 0 or None, got {clip}")
         self.mode, self.momentum, self.eps = mode, momentum, eps
         self.min_count, self.below_min, self.clip = min_count, below_min, clip
         self.stats: dict[Hashable, RunningStats] = {}
@@ -151,7 +153,7 @@ class RewardNormalizer:
         """Restore the statistics (they are valid under any mode or momentum: the recorded
         settings are for reference)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reward normalizer state version {state.get('version')!r}, "
+            raise CheckpointError(f"reward normalizer state version {state.get('version')!r}, "
                              f"expected {STATE_VERSION}")
         stats = {}
         for entry in state["stats"]:

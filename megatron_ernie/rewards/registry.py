@@ -1,35 +1,28 @@
-"""Reward source types by name: `type:` in a recipe's `rewards.sources` picks a factory here."""
+"""Reward source types by name: `type:` in a recipe's `rewards.sources` picks a factory here.
+
+The sources register themselves with `types.register_source` (re-exported here) when their
+module is imported; `builtin.py` imports every built-in one. Dependencies point one way:
+registry -> builtin -> each source module -> types.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from megatron_ernie.rewards.types import FACTORIES, RewardSource, register_source
 
-from megatron_ernie.rewards.types import RewardSource
-
-_FACTORIES: dict[str, Callable[..., RewardSource]] = {}
-
-
-def register_source(type_name: str):
-    """Class or function decorator: `@register_source("math")` makes `type: math` buildable."""
-    def deco(factory):
-        if type_name in _FACTORIES and _FACTORIES[type_name] is not factory:
-            raise ValueError(f"reward source type {type_name!r} registered twice")
-        _FACTORIES[type_name] = factory
-        return factory
-    return deco
+__all__ = ["build_source", "register_source", "source_types"]
 
 
 def source_types() -> list[str]:
     _import_builtin()
-    return sorted(_FACTORIES)
+    return sorted(FACTORIES)
 
 
 def build_source(name: str, type_name: str, **options) -> RewardSource:
     """Build one configured source; `name` is what results and metrics are filed under."""
     _import_builtin()
-    if type_name not in _FACTORIES:
-        raise KeyError(f"rewards.sources.{name}.type={type_name!r}: unknown; known: {', '.join(sorted(_FACTORIES))}")
+    if type_name not in FACTORIES:
+        raise KeyError(f"rewards.sources.{name}.type={type_name!r}: unknown; known: {', '.join(sorted(FACTORIES))}")
     try:
-        src = _FACTORIES[type_name](**options)
+        src = FACTORIES[type_name](**options)
     except TypeError as e:
         raise TypeError(f"rewards.sources.{name}: {e}") from None
     src.name = name
@@ -37,7 +30,6 @@ def build_source(name: str, type_name: str, **options) -> RewardSource:
 
 
 def _import_builtin() -> None:
-    # Importing the modules runs their @register_source decorators.
-    import importlib
-
-    importlib.import_module("megatron_ernie.rewards.builtin")
+    # Importing the modules runs their @register_source decorators; lazily, so that importing the
+    # router does not import every source (and their heavy dependencies) before one is built.
+    from megatron_ernie.rewards import builtin  # noqa: F401

@@ -19,26 +19,23 @@ from typing import Sequence
 
 import torch
 
-from megatron_ernie.rewards.registry import register_source
-from megatron_ernie.rewards.types import RewardResult, RewardSample
+from megatron_ernie.errors import CheckpointError, ConfigError
+from megatron_ernie.rewards.types import RewardResult, RewardSample, register_source
 
 
-class NotARewardModel(ValueError):
-    pass
+class NotARewardModel(CheckpointError):
+    """A checkpoint without a reward head (e.g. a language model's): the path named."""
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
-    from megatron_ernie.training.checkpoint import CheckpointManager
+def _checkpoint(path: str | Path):
+    """The Megatron checkpoint at `path` (a checkpoint, or a training run: its latest complete one)."""
+    from megatron_ernie.conversion.locate import locate
 
-    p = Path(path)
-    for root in (p, p / "checkpoints"):
-        if (root / "metadata.json").exists():
-            return root
-        if root.is_dir():
-            latest = CheckpointManager(root).latest()
-            if latest is not None:
-                return latest
-    raise FileNotFoundError(f"{p}: no reward-model checkpoint (expected a checkpoint dir or a run dir)")
+    found = locate(path)
+    if found.kind != "mcore":
+        raise NotARewardModel(f"{path}: an HF model directory, not a reward-model checkpoint "
+                              "(expected a recipe=reward_model checkpoint or run directory)")
+    return found
 
 
 def _run_settings(ckpt: Path) -> dict:
@@ -99,10 +96,13 @@ class RewardModelScorer:
         from megatron_ernie.models.ernie.model import build_model
         from megatron_ernie.runtime import ParallelLayout
 
-        ckpt = _checkpoint_dir(path)
+        found = _checkpoint(path)
+        ckpt = found.dir
         if REWARD_HEAD not in McoreCheckpoint(ckpt).tensors:
             raise NotARewardModel(f"{ckpt}: no {REWARD_HEAD} — not a reward-model checkpoint (train one with recipe=reward_model)")
-        args = from_hf_config(ckpt / "hf" / "config.json")
+        if found.config is None:
+            raise CheckpointError(f"{ckpt}: no hf/config.json, the model's shape (training writes it with every checkpoint)")
+        args = from_hf_config(found.config)
         _ensure_parallel_state(args)
         layout = ParallelLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
                                 ep=ps.get_expert_model_parallel_world_size())
@@ -110,7 +110,7 @@ class RewardModelScorer:
         load_model_checkpoint(model, ckpt)
         model.eval()
         settings = _run_settings(ckpt)
-        return cls([model], load_tokenizer(ckpt / "hf"), seq_length=seq_length or settings["seq_length"],
+        return cls([model], load_tokenizer(found.assets), seq_length=seq_length or settings["seq_length"],
                    use_reference=settings["use_reference"], empty_think=settings["empty_think"],
                    micro_batch_size=micro_batch_size)
 
@@ -157,7 +157,7 @@ class RewardModelSource:
     def __init__(self, checkpoint: str | None = None, scorer: RewardModelScorer | None = None,
                  require_reference: bool = False, micro_batch_size: int = 8):
         if scorer is None and checkpoint is None:
-            raise ValueError("a reward-model source needs `checkpoint` (a recipe=reward_model output) or a scorer")
+            raise ConfigError("a reward-model source needs `checkpoint` (a recipe=reward_model output) or a scorer")
         self.name = "rdrm" if require_reference else "drm"
         self._checkpoint, self._scorer = checkpoint, scorer
         self.require_reference = require_reference

@@ -31,13 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.rewards.registry import build_source
 from megatron_ernie.rewards.types import RewardResult, RewardSample, RewardSource
 
 MODES = ("sum", "min", "fallback")
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(ConfigError):
     """A bad `rewards` configuration, with the key named."""
 
 
@@ -129,7 +130,9 @@ def _build_sources(raw: Mapping) -> dict[str, RewardSource]:
         try:
             out[name] = build_source(name, spec["type"], **options)
         except (KeyError, TypeError, ValueError) as e:
-            raise RewardConfigError(str(e).strip("'\"")) from None
+            message = str(e).strip("'\"")
+            where = f"rewards.sources.{name}"
+            raise RewardConfigError(message if message.startswith(where) else f"{where}: {message}") from None
     return out
 
 
@@ -259,7 +262,8 @@ class RewardRouter:
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("normalizer") is None) != (self.normalizer is None):
-            raise ValueError("reward router state: normalisation on/off differs from this configuration")
+            raise RewardConfigError("reward router state: normalisation on/off differs from this configuration "
+                                    "(rewards.normalize)")
         if self.normalizer is not None:
             self.normalizer.load_state_dict(state["normalizer"])
         self.stats = defaultdict(Counter, {k: Counter(v) for k, v in state.get("stats", {}).items()})

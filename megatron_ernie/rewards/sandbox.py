@@ -53,10 +53,10 @@ import weakref
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
-from megatron_ernie.rewards.registry import register_source
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.rewards.sandbox_cgroup import MemoryCgroups
 from megatron_ernie.rewards.sandbox_runner import AUDIT, ROOT_NS, USER_NS, command, decode_frames, encode_frame
-from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample, register_source
 
 ISOLATION_MODES = (ROOT_NS, USER_NS, AUDIT)
 _RUNNER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
@@ -82,7 +82,7 @@ class SandboxLimits:
     def __post_init__(self):
         for f in fields(self):
             if getattr(self, f.name) <= 0:
-                raise ValueError(f"SandboxLimits.{f.name} must be > 0, got {getattr(self, f.name)!r}")
+                raise ConfigError(f"SandboxLimits.{f.name} must be > 0, got {getattr(self, f.name)!r}")
 
 
 @dataclass
@@ -294,26 +294,26 @@ class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None, concurrency: int = 2, isolation: str | None = None,
                  memory_cgroup: bool | None = None, seccomp: bool | None = None):
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         self.limits = limits or SandboxLimits()
         self.concurrency = concurrency
         probe = probe_isolation()
         if isolation is None:
             isolation = select_isolation(os.geteuid(), probe)
         elif isolation not in ISOLATION_MODES:
-            raise ValueError(f"isolation={isolation!r}: known modes are {', '.join(ISOLATION_MODES)}")
+            raise ConfigError(f"isolation={isolation!r}: known modes are {', '.join(ISOLATION_MODES)}")
         elif isolation != AUDIT and not probe.get(isolation):
-            raise ValueError(f"isolation={isolation!r} is not available here (probe: {probe})")
+            raise ConfigError(f"isolation={isolation!r} is not available here (probe: {probe})")
         self._isolation = isolation
         if seccomp and not probe.get("seccomp"):
-            raise ValueError("seccomp=True but no seccomp filter loads here (is libseccomp2 installed?)")
+            raise ConfigError("seccomp=True but no seccomp filter loads here (is libseccomp2 installed?)")
         self._seccomp = bool(probe.get("seccomp")) if seccomp is None else seccomp
         self._cgroups = None
         if memory_cgroup is not False:
             try:
                 self._cgroups = MemoryCgroups.create(concurrency, self.limits.memory_bytes, required=bool(memory_cgroup))
             except OSError as e:
-                raise ValueError(f"memory_cgroup=True: {e}") from None
+                raise ConfigError(f"memory_cgroup=True: {e}") from None
         self._runners = _RunnerPool(isolation, self._cgroups, self._seccomp, self.limits.memory_bytes)
         weakref.finalize(self, self._runners.close)
         uids = _take_uids(self.limits.uid_base, 2 * concurrency)

@@ -1,7 +1,7 @@
 """Text helpers shared by the reward sources."""
 from __future__ import annotations
 
-from megatron_ernie.data.tokenizer import THINK_CLOSE, THINK_OPEN
+from megatron_ernie.data.special_tokens import THINK_CLOSE, THINK_OPEN
 
 
 def strip_think(response: str) -> str:

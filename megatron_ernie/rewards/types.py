@@ -2,14 +2,15 @@
 
 Every reward source — verifier, sandbox, judge, reward model, checklist — takes a batch of
 `RewardSample`s and returns one `RewardResult` per sample. A source never raises for a bad sample:
-it returns reward 0 with `failed=True` and a `reason`, and the router counts it.
+it returns reward 0 with `failed=True` and a `reason`, and the router counts it. A source type is
+made buildable by name (`type:` in a recipe) with `@register_source`; `registry.py` builds them.
 """
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,17 @@ class PerSampleSource:
             return [self._safe(s) for s in samples]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(samples))) as pool:
             return list(pool.map(self._safe, samples))
+
+
+# --- source types by name: the table `registry.build_source` reads --------------------------
+FACTORIES: dict[str, Callable[..., RewardSource]] = {}
+
+
+def register_source(type_name: str):
+    """Class or function decorator: `@register_source("math")` makes `type: math` buildable."""
+    def deco(factory):
+        if type_name in FACTORIES and FACTORIES[type_name] is not factory:
+            raise ValueError(f"reward source type {type_name!r} registered twice")
+        FACTORIES[type_name] = factory
+        return factory
+    return deco

@@ -14,10 +14,10 @@ import unicodedata
 
 import regex
 
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.rewards.math_verify import extract_answer, extract_answer_phrase, extract_boxed
-from megatron_ernie.rewards.registry import register_source
 from megatron_ernie.rewards.text import strip_think
-from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, RewardSample, register_source
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -143,7 +143,7 @@ class MultipleChoiceVerifier(PerSampleSource):
     def __init__(self, letters: str = LETTERS, strip_think: bool = True, concurrency: int = 1):
         letters = letters.upper()
         if not letters or any(c not in LETTERS for c in letters):
-            raise ValueError(f"letters={letters!r}: use a subset of {LETTERS}")
+            raise ConfigError(f"letters={letters!r}: use a subset of {LETTERS}")
         self.letters = letters
         self.strip_think = strip_think
         self.concurrency = concurrency
@@ -247,9 +247,9 @@ class RegexVerifier(PerSampleSource):
                  dotall: bool = False, multiline: bool = False, strip_think: bool = True,
                  timeout_s: float = 1.0, concurrency: int = 1):
         if mode not in _MODES:
-            raise ValueError(f"mode={mode!r}: use one of {', '.join(_MODES)}")
+            raise ConfigError(f"mode={mode!r}: use one of {', '.join(_MODES)}")
         if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.flags = (regex.IGNORECASE if ignore_case else 0) | (regex.DOTALL if dotall else 0) \
             | (regex.MULTILINE if multiline else 0)
         self.timeout_s = float(timeout_s)

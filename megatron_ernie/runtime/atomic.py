@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from megatron_ernie.errors import OutputExistsError
+
 TMP_MARK = ".tmp-"
 
 
@@ -33,7 +35,7 @@ def publish(tmp: Path, target: Path, overwrite: bool = False) -> None:
     """Move a finished temporary directory to `target` (replacing it only when `overwrite`)."""
     if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} already exists")
+            raise OutputExistsError(f"{target} already exists")
         old = temp_sibling(target)
         os.rename(target, old)
         os.rename(tmp, target)
@@ -44,9 +46,10 @@ def publish(tmp: Path, target: Path, overwrite: bool = False) -> None:
 
 
 def check_target(target: str | Path, overwrite: bool = False) -> None:
-    """Fail early (before any work) when `target` exists and may not be replaced."""
+    """Fail early (before any work) when `target` exists and may not be replaced (OutputExistsError,
+    a FileExistsError)."""
     if Path(target).exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (choose another output or allow overwriting)")
+        raise OutputExistsError(f"{target} already exists (choose another output or allow overwriting)")
 
 
 @contextmanager

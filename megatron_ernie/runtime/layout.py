@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot work for this model or world size."""
+from megatron_ernie.errors import LayoutError  # raised by validate(); importable from here
 
 
 @dataclass(frozen=True)

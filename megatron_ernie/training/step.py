@@ -8,7 +8,6 @@ correction bias. Stages differ only by the loss function and by what produces th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Iterable
 
 import torch
@@ -60,29 +59,6 @@ def attach_schedule_hooks(model_chunks: list, optimizer) -> None:
     config.no_sync_func = model_chunks[0].no_sync if len(model_chunks) == 1 else [m.no_sync for m in model_chunks]
 
 
-# --- the language-model forward and loss ----------------------------------------------------
-def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Per-token loss contract of Megatron (calculate_per_token_loss=True):
-    returns (sum of masked token losses, number of tokens, values to report)."""
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.float().view(-1)
-    loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def lm_forward_step(data_iterator, model, loss_func: Callable = masked_token_loss):
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"],
-        batch["position_ids"],
-        batch.get("attention_mask"),
-        labels=batch["labels"],
-    )
-    return output, partial(loss_func, batch["loss_mask"])
-
-
 @dataclass
 class StepResult:
     loss: float  # token-mean (or pair-mean, per the loss's count) over the global batch
@@ -93,7 +69,7 @@ class StepResult:
     metrics: dict = field(default_factory=dict)  # the loss function's other reports, batch means
 
 
-LOSS_KEY = "lm loss"
+LOSS_KEY = "lm loss"  # the loss functions' report key for the loss itself (algorithms/losses.py)
 
 
 def reduce_reports(reports: list[dict], keys: tuple[str, ...] = (LOSS_KEY,)) -> dict[str, tuple[float, float]]:
@@ -139,7 +115,7 @@ def forward_only(model_chunks: list, microbatches: list[dict], *, forward_step: 
 
 
 def train_step(model_chunks: list, optimizer, microbatches: Iterable[dict], *, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step,
+               seq_length: int, micro_batch_size: int, forward_step: Callable,
                on_before_bias_update: Callable | None = None, report_keys: tuple[str, ...] = (LOSS_KEY,)) -> StepResult:
     """One global-batch step: forward/backward over this rank's microbatches, then update.
 

@@ -7,9 +7,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A model configuration we cannot represent faithfully."""
+from megatron_ernie.errors import ConfigError  # a model configuration we cannot represent faithfully
 
 
 @dataclass(frozen=True)
@@ -196,8 +194,10 @@ def from_hf_config(cfg: dict | str | Path, name: str | None = None, strict: bool
             cfg = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{source}: no such file") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: not a JSON object")
     model_type = cfg.get("model_type")
     if model_type not in ("ernie4_5", "ernie4_5_moe"):
         raise ConfigError(
@@ -222,6 +222,9 @@ def from_hf_config(cfg: dict | str | Path, name: str | None = None, strict: bool
         warnings.warn(msg + " were ignored", stacklevel=2)
     kwargs = {ours: cfg[hf] for hf, ours in mapping.items() if hf in cfg and cfg[hf] is not None}
     if "head_dim" not in kwargs:
+        missing = [k for k in ("hidden_size", "num_attention_heads") if not isinstance(cfg.get(k), int) or cfg[k] < 1]
+        if missing:
+            raise ConfigError(f"{source}: needs positive integers {missing} (or head_dim)")
         kwargs["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     kwargs["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 500000.0)))
     if isinstance(kwargs.get("eos_token_id"), list):

@@ -8,7 +8,7 @@ Two steps, kept apart so that each can be read (and streamed) on its own:
 """
 from __future__ import annotations
 
-import json
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from megatron_ernie.conversion.safetensors_io import SafetensorsCheckpoint
+from megatron_ernie.errors import WeightError  # noqa: F401 - re-exported: callers import it from here
 from megatron_ernie.models.ernie.args import ErnieArgs
 
 # --- 1. the key map --------------------------------------------------------------------------
@@ -60,13 +62,6 @@ HF_MTP_LAYER = re.compile(r"^model\.mtp_block\.(?P<k>\d+)\.(?P<rest>.+)$")
 # never loaded into the model.
 HF_IGNORED_PREFIXES = ("mtp", "model.mtp")
 REWARD_HEAD = "reward_head.weight"  # reward / value models (heads.py): no HF counterpart
-
-
-class WeightError(KeyError):
-    """A missing, unknown or mis-shaped tensor, named."""
-
-    def __str__(self):
-        return str(self.args[0])
 
 
 def _to_regex(pattern: str) -> re.Pattern:
@@ -272,52 +267,53 @@ def is_moe_layer_name(name: str, args: ErnieArgs, mtp_moe: Iterable[bool] | None
 
 # --- HF checkpoint access ---------------------------------------------------------------------
 class HFWeights:
-    """Lazy access to an HF checkpoint: a directory of safetensors (sharded or not) or an
-    in-memory state dict (transformers' fused `experts.gate_up_proj` layout is unfused here)."""
+    """Named HF tensors of a checkpoint: a directory of safetensors (sharded or not, read one
+    tensor at a time through `conversion.safetensors_io`) or an in-memory state dict
+    (transformers' fused `experts.gate_up_proj` layout is unfused here)."""
 
     def __init__(self, source: str | Path | Mapping[str, torch.Tensor]):
         self._tensors: dict[str, torch.Tensor] = {}
-        self._files: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._checkpoint = None
         if isinstance(source, Mapping):
             self.source = "<state dict>"
             self._tensors = _unfuse_experts(dict(source))
         else:
-            self._index_directory(Path(source))
-
-    def _index_directory(self, root: Path) -> None:
-        self.source = str(root)
-        index = root / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {k: root / f for k, f in weight_map.items()}
-        elif (root / "model.safetensors").exists():
-            from safetensors import safe_open
-
-            path = root / "model.safetensors"
-            with safe_open(str(path), framework="pt") as f:
-                self._files = {k: path for k in f.keys()}
-        else:
-            raise WeightError(f"{root}: no model.safetensors or model.safetensors.index.json")
+            self.source = str(source)
+            self._checkpoint = SafetensorsCheckpoint(source)
 
     def keys(self) -> list[str]:
-        return sorted(self._tensors or self._files)
+        """Every name, in storage order for directories (sequential reads)."""
+        if self._checkpoint is None:
+            return list(self._tensors)
+        entries = self._checkpoint.entries
+        return sorted(entries, key=lambda n: (str(entries[n].file), entries[n].begin))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape without reading it."""
+        if self._checkpoint is None:
+            return tuple(self._get_in_memory(name).shape)
+        if name not in self._checkpoint:
+            raise WeightError(_missing_message(self.source, [name]))
+        return self._checkpoint.entries[name].shape
 
     def get(self, name: str) -> torch.Tensor:
-        if self._tensors:
-            if name not in self._tensors:
-                raise WeightError(f"{self.source}: tensor {name!r} is missing")
-            return self._tensors[name]
-        if name not in self._files:
-            raise WeightError(f"{self.source}: tensor {name!r} is missing")
-        path = self._files[name]
-        if path not in self._handles:
-            from safetensors import safe_open
+        if self._checkpoint is None:
+            return self._get_in_memory(name)
+        if name not in self._checkpoint:
+            raise WeightError(_missing_message(self.source, [name]))
+        return self._checkpoint.get(name)
 
-            if not path.exists():
-                raise WeightError(f"{path}: shard listed in the index is missing (needed for {name!r})")
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+    def _get_in_memory(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise WeightError(_missing_message(self.source, [name]))
+        return self._tensors[name]
+
+
+def _missing_message(source: str, names: list[str], shown: int = 8) -> str:
+    if len(names) == 1:
+        return f"{source}: tensor {names[0]!r} is missing"
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return f"{source}: {len(names)} tensors are missing: {names[:shown]}{more}"
 
 
 def _unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -440,21 +436,109 @@ def load_canonical(model, get: Callable[[str], torch.Tensor], keep_init: tuple[s
     return n
 
 
-def load_hf_weights(model, source, args: ErnieArgs, keep_init: tuple[str, ...] = ()) -> int:
-    """Load an HF checkpoint (directory or state dict) into this rank's part of `model`.
+class HFLoader:
+    """The one path from named HF tensors to this rank's parameters, for every source (a
+    directory, a state dict, a stream from a trainer), in any order.
 
-    Every HF tensor must be used: unknown names are listed in the error, never dropped.
-    """
+    Each HF tensor is checked on arrival (known name, shape from the config); those of a
+    canonical tensor this rank holds are kept until its parts are complete (q/k/v, gate/up),
+    then fused, sliced for the rank and copied in. Tensors of other ranks are only counted
+    (`fetch` is never called for them: a directory rank reads just its own shards).
+    `finish()` names every expected tensor that never came."""
+
+    def __init__(self, model, args: ErnieArgs, keep_init: tuple[str, ...] = (), source: str = "weight stream"):
+        self.model, self.args, self.source = model, args, source
+        self.info = rank_info(model)
+        self.targets: dict[str, list[torch.Tensor]] = {}
+        for name, local in local_tensors(model):
+            canon = canonical_name(name, self.info)
+            if canon not in keep_init:
+                canonical_to_hf_names(canon)  # a parameter without an HF mapping fails here
+                self.targets.setdefault(canon, []).append(local)
+        self.owner: dict[str, str] = {}  # HF name -> canonical name (whole model)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for canon in canonical_names(args):
+            for hf_name, shape in hf_shapes(canon, args).items():
+                self.owner[hf_name], self.shapes[hf_name] = canon, shape
+        self.seen: set[str] = set()
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.filled = 0
+
+    def ignored(self, name: str) -> bool:
+        return name.startswith(HF_IGNORED_PREFIXES) or (name == "lm_head.weight" and self.args.tie_word_embeddings)
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """For sources that list their names up front: refuse before anything is loaded."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.owner and not self.ignored(n)]
+        if unknown:
+            raise WeightError(f"{self.source}: tensors not part of {self.args.name}: {sorted(unknown)}")
+        present = set(names)
+        missing = [n for n in self.owner if n not in present]
+        if missing:
+            raise WeightError(_missing_message(self.source, missing))
+
+    @torch.no_grad()
+    def accept(self, name: str, shape: tuple[int, ...], fetch: Callable[[], torch.Tensor]) -> None:
+        if self.ignored(name):
+            return
+        canon = self.owner.get(name)
+        if canon is None:
+            raise WeightError(f"{self.source}: tensors not part of {self.args.name}: {[name]}")
+        expected = self.shapes[name]
+        if tuple(shape) != expected:
+            raise WeightError(f"{self.source}: HF tensor {name!r} for {canon!r}: source shape {tuple(shape)} "
+                              f"does not match {expected} (the model's config)")
+        if name in self.seen:
+            raise WeightError(f"{self.source}: tensor {name!r} was given twice")
+        self.seen.add(name)
+        if canon not in self.targets:
+            return  # another pipeline stage's or expert rank's tensor
+        parts = self.pending.setdefault(canon, {})
+        parts[name] = fetch()
+        if len(parts) == len(canonical_to_hf_names(canon)[0]):
+            full = canonical_from_hf(canon, parts.__getitem__, self.args)
+            for local in self.targets[canon]:
+                local.copy_(shard_for_rank(full, local, canon, self.info).to(local.dtype))
+                self.filled += 1
+            del self.pending[canon]
+
+    def finish(self) -> int:
+        """Every expected tensor arrived: returns the count of this rank's tensors filled."""
+        missing = [n for n in self.owner if n not in self.seen]
+        if missing:
+            raise WeightError(_missing_message(self.source, missing))
+        return self.filled
+
+
+def load_hf_weights(model, source, args: ErnieArgs, keep_init: tuple[str, ...] = ()) -> int:
+    """Load an HF checkpoint (directory, state dict or HFWeights) into this rank's part of `model`.
+
+    Every HF tensor must be used: unknown and missing names are listed in the error before
+    anything is loaded. Returns the count of this rank's tensors filled."""
     hf = source if isinstance(source, HFWeights) else HFWeights(source)
-    expected = expected_hf_names(args)
-    unknown = sorted(
-        k for k in hf.keys()
-        if k not in expected and not k.startswith(HF_IGNORED_PREFIXES)
-        and not (k == "lm_head.weight" and args.tie_word_embeddings)
-    )
-    if unknown:
-        raise WeightError(f"{hf.source}: tensors not part of {args.name}: {unknown}")
-    return load_canonical(model, lambda name: canonical_from_hf(name, hf.get, args), keep_init)
+    loader = HFLoader(model, args, keep_init, source=hf.source)
+    names = hf.keys()
+    loader.check_names(names)
+    for name in names:
+        loader.accept(name, hf.shape(name), functools.partial(hf.get, name))
+    return loader.finish()
+
+
+def load_hf_stream(model, tensors: Iterable[tuple[str, torch.Tensor]], args: ErnieArgs,
+                   keep_init: tuple[str, ...] = (), source: str = "weight stream") -> int:
+    """Load full HF-named tensors, as they come (e.g. from a trainer), into this rank's part of
+    `model`. An unknown or misshapen tensor fails when it arrives, missing ones when the stream
+    ends; on failure the model holds a mix of old and new weights (the caller must not use it)."""
+    loader = HFLoader(model, args, keep_init, source=source)
+    for name, tensor in tensors:
+        for part_name, part in _unfuse_experts({name: tensor}).items():
+            loader.accept(part_name, tuple(part.shape), functools.partial(_same, part))
+    return loader.finish()
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def canonical_state_dict(model) -> dict[str, torch.Tensor]:

@@ -94,6 +94,9 @@ def transformer_config(
             moe_norm_min=args.moe_norm_min,
             moe_orthogonal_loss_coeff=args.moe_orthogonal_loss_coeff,
             moe_bias_update_rate=args.moe_bias_update_rate,
+            # every router gets a RouterReplay (idle unless rl/replay.py sets an action): the
+            # rollout engine records selections through it, the trainer replays them
+            moe_enable_routing_replay=True,
         )
     kw.update(overrides)
     return ErnieTransformerConfig(**kw)
