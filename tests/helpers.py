@@ -5,6 +5,7 @@ import os
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -70,3 +71,13 @@ TEST_MOE = preset("ernie45_tiny_moe")
 TEST_DENSE = preset("ernie45_tiny_dense")
 # Rollout-engine tests: vLLM's CPU attention refuses head_dim 16; 64 is the size known to run there.
 ENGINE_MOE = TEST_MOE.replace(name="engine_tiny_moe", head_dim=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Engine tests: a tiny model gains nothing from more threads, and on shared cores OpenMP
+    threads spin-waiting on busy cores made decoding ~20x slower. Import it into a test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

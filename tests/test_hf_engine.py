@@ -8,19 +8,13 @@ import torch
 from megatron_ernie.errors import ConfigError, EngineInputError, WeightError
 from megatron_ernie.rl.engine import FINISH_LENGTH, FINISH_STOP, Completion, EngineNotReadyError, RolloutEngine, SamplingParams
 from megatron_ernie.rl.hf_engine import HFEngine, left_pad
+from tests.helpers import one_thread  # noqa: F401 - the fixture
 from tests.helpers import ENGINE_MOE, TEST_DENSE, hf_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 SAMPLE = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a tiny model gains nothing from more threads; on a shared 2-core machine they cost a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

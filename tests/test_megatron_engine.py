@@ -15,6 +15,7 @@ import torch
 from megatron_ernie.errors import EngineInputError, WeightError
 from megatron_ernie.rl.engine import FINISH_LENGTH, FINISH_STOP, EngineNotReadyError, SamplingParams
 from megatron_ernie.runtime import ParallelLayout
+from tests.helpers import one_thread  # noqa: F401 - the fixture
 from tests.helpers import ENGINE_MOE, hf_model, spawn
 
 ARGS = ENGINE_MOE
@@ -43,13 +44,6 @@ def _decisive_reference(seed: int = 3):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The cores are shared: OpenMP threads spin-waiting on busy cores made decoding ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
