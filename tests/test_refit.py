@@ -114,26 +114,35 @@ def _fresh_job(rank, name, workdir):
     torch.save(summary(items, ref), workdir / f"{name}.rank{rank}.pt")
 
 
-def _step_job(rank, name, workdir):
+def stepped_trainer(args, layout, hf_dir):
+    """(model, its DDP wrapper): loaded from `hf_dir` at `layout`, after one Adam step on a fixed
+    global batch split over the data-parallel ranks."""
     from megatron.core import parallel_state as ps
 
     from megatron_ernie.algorithms.sft import forward_step
-    from megatron_ernie.conversion.convert import mcore_to_hf
-    from megatron_ernie.conversion.mcore_model import save_model_checkpoint
-    from megatron_ernie.runtime.distributed import barrier
     from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, train_step, wrap_ddp
 
-    layout, _ = STEP[name]
-    model = _model(STEP_ARGS, layout, workdir / "moe_hf")
+    model = _model(args, layout, hf_dir)
     ddp = wrap_ddp(model, layout)
     opt = build_optimizer([ddp], layout, lr=LR, eps=ADAM_EPS)
     attach_schedule_hooks([ddp], opt)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = GLOBAL_BATCH // dp
-    batch = fixed_batch(STEP_ARGS, GLOBAL_BATCH, SEQ)
+    batch = fixed_batch(args, GLOBAL_BATCH, SEQ)
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
-    train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1,
-               forward_step=forward_step)
+    result = train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1,
+                        forward_step=forward_step)
+    assert result.update_successful
+    return model, ddp
+
+
+def _step_job(rank, name, workdir):
+    from megatron_ernie.conversion.convert import mcore_to_hf
+    from megatron_ernie.conversion.mcore_model import save_model_checkpoint
+    from megatron_ernie.runtime.distributed import barrier
+
+    layout, _ = STEP[name]
+    model, ddp = stepped_trainer(STEP_ARGS, layout, workdir / "moe_hf")
 
     items = _stream([ddp], STEP_ARGS)  # a list of DDP-wrapped chunks
     save_model_checkpoint(model, workdir / f"{name}_mc")

@@ -193,7 +193,7 @@ def render_text(messages: Sequence[Message], *, empty_think: bool = True) -> str
     return "".join(out)
 
 
-def _ernie_special_ids(tokenizer) -> tuple[int, int]:
+def ernie_special_ids(tokenizer) -> tuple[int, int]:
     """ids of `<|begin_of_sentence|>` / `<|end_of_sentence|>` (they must be whole tokens)."""
     ids = []
     for token in (BOS, EOS):
@@ -300,7 +300,7 @@ def render_messages(messages: Sequence[Message], tokenizer, *, empty_think: bool
     if uses_chat_template(tokenizer):
         segments = _template_segments(messages, tokenizer, trained, empty_think)
     else:
-        bos_id, eos_id = _ernie_special_ids(tokenizer)
+        bos_id, eos_id = ernie_special_ids(tokenizer)
         segments = _builtin_segments(messages, bos_id, eos_id, trained, empty_think)
     return encode_segments(segments, tokenizer)
 
@@ -316,6 +316,6 @@ def prompt_ids(messages: Sequence[Message], tokenizer, *, thinking: bool = True,
     if uses_chat_template(tokenizer):
         segments = _template_segments(messages, tokenizer, set(), empty_think, generation)
     else:
-        bos_id, eos_id = _ernie_special_ids(tokenizer)
+        bos_id, eos_id = ernie_special_ids(tokenizer)
         segments = _builtin_segments(messages, bos_id, eos_id, set(), empty_think, generation)
     return encode_segments(segments, tokenizer).input_ids

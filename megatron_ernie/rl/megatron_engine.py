@@ -56,6 +56,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplay, RouterRepl
 
 from megatron_ernie.errors import EngineInputError, UserError
 from megatron_ernie.models.ernie.args import ErnieArgs, from_hf_config
+from megatron_ernie.models.ernie.experts import pack_experts
 from megatron_ernie.models.ernie.hf_adapter import load_hf_stream, load_hf_weights, local_tensors
 from megatron_ernie.models.ernie.model import build_model, transformer_config
 from megatron_ernie.models.ernie.router import ernie_routers
@@ -272,6 +273,7 @@ class MegatronEngine:
             # engine drives its own instances, so they stay out of it.
             RouterReplay.global_router_replay_instances.remove(router.router_replay)
         model.rotary_pos_emb = RowPositionRotary(model.rotary_pos_emb)
+        pack_experts(model)  # grouped expert matmuls in decode (models/ernie/experts.py)
         return model
 
     # --- weights --------------------------------------------------------------------------
@@ -314,6 +316,7 @@ class MegatronEngine:
             return
         for t, shape in self._shapes:
             t.data = torch.empty(shape, dtype=t.dtype, device=t.device)
+        pack_experts(self.model)
         self._shapes = None
         self._not_ready = "woken from sleep: the weights need an update_weights before generate"
 

@@ -20,9 +20,9 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     from megatron_ernie.data.chat import uses_chat_template
 
     if not uses_chat_template(tokenizer):
-        from megatron_ernie.data.chat import _ernie_special_ids
+        from megatron_ernie.data.chat import ernie_special_ids
 
-        ids.add(_ernie_special_ids(tokenizer)[1])
+        ids.add(ernie_special_ids(tokenizer)[1])
     return tuple(sorted(ids))
 
 
