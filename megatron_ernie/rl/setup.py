@@ -55,7 +55,14 @@ def build_engine(run):
         if start is None or start.kind != "hf":
             raise ConfigError("rl.rollout.engine=vllm starts from an HF directory: set model.init_from to one "
                               "(export a checkpoint with megatron-ernie-convert)")
-        return VLLMEngine(Path(start.dir), seed=run.cfg.train.seed, **common)
+        replay = run.cfg.rl.router_replay.value == "rollout" and run.args.is_moe
+        try:
+            return VLLMEngine(Path(start.dir), seed=run.cfg.train.seed, return_routed_experts=replay, **common)
+        except ConfigError as e:
+            if replay:
+                raise ConfigError(f"rl.router_replay=rollout with rl.rollout.engine=vllm: {e} "
+                                  "(or set rl.router_replay=none: the mismatch is then measured, not removed)") from e
+            raise
     raise ConfigError(f"rl.rollout.engine={kind!r}: unknown")
 
 

