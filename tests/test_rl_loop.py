@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import partial
 from pathlib import Path
 
@@ -227,21 +228,25 @@ def _train_with_dying_engine(rank, world, overrides, out: Path, die_on_call: int
     _train(rank, world, overrides, out)
 
 
-def _checkpoints(out: Path) -> tuple[list[str], str]:
-    from megatron_ernie.conversion.locate import latest_checkpoint
+def _checkpoints_left(out: Path) -> tuple[list[str], str]:
+    """(everything in the checkpoint directory, the step `latest` names — checked complete)."""
+    from megatron_ernie.conversion.locate import STATE_FILE
 
     ckpt = out / "checkpoints"
-    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")), latest_checkpoint(ckpt).name
+    latest = (ckpt / "latest").read_text().strip()
+    assert (ckpt / latest / STATE_FILE).is_file(), f"`latest` names {latest}, which is not a complete checkpoint"
+    return sorted(p.name for p in ckpt.iterdir()), latest
 
 
 def test_engine_dying_mid_rollout_stops_the_run_and_the_last_checkpoint_resumes_exactly(setup, replayed, tmp_path):
     ref, _ = replayed
     _, common = setup
     out = tmp_path / "run"
-    with pytest.raises(Exception, match="engine died: rank 0, generate call 3"):  # the 3rd rollout
+    with pytest.raises(Exception, match="EngineDied: engine died: rank 0, generate call 3"):  # the 3rd rollout
         spawn(_train_with_dying_engine, 1, common, out, 3, 0)
-    names, latest = _checkpoints(out)
-    assert names == ["step_00000001", "step_00000002"] and latest == "step_00000002"
+    # steps 1 and 2 saved and published, nothing half-written; step 3 never logged
+    assert _checkpoints_left(out) == (["latest", "step_00000001", "step_00000002"], "step_00000002")
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not (out / "result.json").exists()
     spawn(_train, 1, common, out)  # resumes from step 2: the same step 3 as the uninterrupted run
     got = json.loads((out / "result.json").read_text())
@@ -249,13 +254,58 @@ def test_engine_dying_mid_rollout_stops_the_run_and_the_last_checkpoint_resumes_
     assert _no_timing(got["rows"]) == _no_timing(ref["rows"])
 
 
-def test_engine_dying_on_one_rank_stops_every_rank_without_a_hang(setup, tmp_path):
+def _alone(rank, world, port, fn, args, log: Path):
+    """A rank on its own (no mp.spawn, which would terminate the others once one fails): its error
+    and when it happened go to `log`."""
+    import time
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        log.write_text(json.dumps({"at": time.time(), "error": traceback.format_exc()}))
+        raise SystemExit(1)
+
+
+def test_engine_dying_on_one_rank_fails_every_rank_without_a_hang(setup, tmp_path):
+    """Two DP ranks, each its own process with nothing to tear the other down (as mp.spawn or
+    torchrun would): rank 1's engine dies in the 2nd rollout. Rank 1's process exits with the
+    engine's error; rank 0 fails at its next collective with rank 1 (the in-process engine's own:
+    it agrees on input errors over the world before the first forward) as soon as rank 1's process
+    is gone — gloo: the peer closed the connection —, not at the process group's timeout (600 s).
+    Step 1's checkpoint stays the last, complete."""
+    import multiprocessing as mp
+    import time
+
+    from tests.helpers import free_port
+
     _, common = setup
     out = tmp_path / "run"
-    with pytest.raises(Exception, match="engine died: rank 1, generate call 2"):
-        spawn(_train_with_dying_engine, 2, common, out, 2, 1)
-    names, latest = _checkpoints(out)
-    assert names == ["step_00000001"] and latest == "step_00000001"
+    ctx, port = mp.get_context("spawn"), free_port()
+    logs = [tmp_path / f"rank{r}.err" for r in range(2)]
+    procs = [ctx.Process(target=_alone, args=(r, 2, port, _train_with_dying_engine, (common, out, 2, 1), logs[r]))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 240  # the process group's timeout is 600 s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} still running 240 s after start: they hang on the dead rank"
+    assert [p.exitcode for p in procs] == [1, 1]
+    died, other = (json.loads(log.read_text()) for log in (logs[1], logs[0]))
+    assert "EngineDied: engine died: rank 1, generate call 2" in died["error"]
+    # gloo's error for a peer that went away (rank 0 was in a collective with rank 1)
+    assert re.search(r"Connection (closed|reset) by peer|Broken pipe", other["error"]), other["error"][-2000:]
+    assert other["at"] - died["at"] < 60, "rank 0 failed only long after rank 1 died"
+    print(f"rank 0 failed {other['at'] - died['at']:.1f} s after rank 1's engine died")
+    assert _checkpoints_left(out) == (["latest", "step_00000001"], "step_00000001")
 
 
 # --- vLLM as the rollout engine ---------------------------------------------------------------
@@ -282,6 +332,8 @@ def test_vllm_engine_in_the_loop_reports_the_mismatch(setup, tmp_path):
     assert "rl.router_replay=rollout with rl.rollout.engine=vllm" in refused and "GPU" in refused
     rows = json.loads((tmp_path / "run" / "result.json").read_text())["rows"]
     assert [r["step"] for r in rows] == [1, 2]
+    keys = ("rollout/logp_abs_diff", "rollout/k3_kl", "rollout/max_ratio")
+    print("vLLM vs trainer per step:", [{k: r[k] for k in keys} for r in rows])
     for r in rows:
         # vLLM's kernels against the trainer's, same weights after every refit, fp32: measured
         # 0.8-1.8e-7 mean |Δ log p|, k3 ~4e-14. Reported, not required equal; bounded so that a
