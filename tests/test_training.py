@@ -107,7 +107,8 @@ def run_layouts(rank: int, world: int, names: list[str], workdir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def layout_losses(tmp_path_factory):
+def layout_runs(tmp_path_factory) -> Path:
+    """The runs' directory: the source HF model (hf/), its conversion (mc/), one run per layout."""
     workdir = tmp_path_factory.mktemp("sft_layouts")
     from megatron_ernie.conversion.convert import hf_to_mcore
 
@@ -115,7 +116,12 @@ def layout_losses(tmp_path_factory):
     hf_to_mcore(workdir / "hf", workdir / "mc", progress=False)
     spawn(run_layouts, 1, ["single", "from_mcore"], workdir)
     spawn(run_layouts, 2, ["tp2", "pp2", "dp2"], workdir)
-    return {name: torch.load(workdir / f"{name}.pt") for name in LAYOUTS}
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def layout_losses(layout_runs):
+    return {name: torch.load(layout_runs / f"{name}.pt") for name in LAYOUTS}
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
@@ -128,6 +134,20 @@ def test_same_recipe_same_losses_at_any_layout(layout_losses, layout):
 
 def test_initial_weights_from_a_converted_megatron_checkpoint_equal_the_hf_ones(layout_losses):
     assert layout_losses["from_mcore"] == layout_losses["single"]  # bit for bit
+
+
+@pytest.mark.parametrize("name", ["single", "from_mcore"])
+def test_checkpoints_and_exports_keep_the_sources_generation_config(layout_runs, name, tmp_path):
+    """ERNIE's EOS ids and sampling defaults live in generation_config.json: a trained checkpoint
+    carries the source's (from an HF dir or a converted checkpoint), and its export has it."""
+    from megatron_ernie.conversion.convert import mcore_to_hf
+
+    workdir = layout_runs
+    source = (workdir / "hf" / "generation_config.json").read_bytes()
+    ckpt = workdir / name / "checkpoints" / "step_00000003"
+    assert (ckpt / "hf" / "generation_config.json").read_bytes() == source
+    mcore_to_hf(ckpt, tmp_path / "export", progress=False)
+    assert (tmp_path / "export" / "generation_config.json").read_bytes() == source
 
 
 # --- packing and the empty think block, on the model ---------------------------------------------

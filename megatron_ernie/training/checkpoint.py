@@ -34,6 +34,7 @@ from megatron_ernie.training.algorithm import MAIN
 # Distributed-optimizer state format: "fully_reshardable" (gathered per DP group at save, loads at
 # any layout) or "dp_reshardable" (each rank its own buffers: no gather, DP size may change only).
 OPTIM_FORMATS = ("fully_reshardable", "dp_reshardable")
+CARRIED_ASSETS = ("generation_config.json",)  # copied into hf/ from the model the run started from
 
 
 def _rng_state() -> dict:
@@ -82,14 +83,16 @@ class CheckpointManager:
 
     # --- saving ---
     def save(self, step: int, models: dict, states: dict, hf_config: dict | None = None,
-             run_config: str | None = None, tokenizer=None) -> Path:
+             run_config: str | None = None, tokenizer=None, assets_from: Path | None = None) -> Path:
         """Collective. `models`: {role: RoleModel} (trainable roles are saved: model, optimizer,
         LR schedule); `states`: {name: object with state_dict()/load_state_dict()} (plain state
         identical on every rank: the experience source, reward normalisation...). Returns the
         published checkpoint directory.
 
         `hf_config` and `tokenizer` go to `hf/`: the next pipeline stage and `mcore_to_hf` find the
-        model's shape and its tokenizer there."""
+        model's shape and its tokenizer there. `assets_from` (the HF files of the model the run
+        started from) gives `hf/` what neither describes: `generation_config.json` (ERNIE's EOS
+        ids, sampling defaults), so that an export generates like its source."""
         target = self.root / step_name(step)
         state = {"rng": _rng_object(_rng_state()), "step": step,
                  "states": {name: obj.state_dict() for name, obj in states.items()}}
@@ -103,6 +106,9 @@ class CheckpointManager:
                 tokenizer.save_pretrained(str(tmp / ASSETS))
             if hf_config is not None:
                 (tmp / ASSETS / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            for name in CARRIED_ASSETS:
+                if assets_from is not None and (Path(assets_from) / name).is_file():
+                    shutil.copy2(Path(assets_from) / name, tmp / ASSETS / name)
             if run_config is not None:
                 (tmp / "run_config.yaml").write_text(run_config)
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "roles": sorted(models)}) + "\n")

@@ -46,6 +46,13 @@ def model_args(cfg: RunConfig):
     return args.replace(**knobs) if knobs else args
 
 
+def _start_assets(cfg: RunConfig):
+    """The HF files (config, tokenizer, generation config) of the model the run starts from."""
+    from megatron_ernie.conversion.locate import locate
+
+    return locate(cfg.model.init_from).assets if cfg.model.init_from else None
+
+
 def _layout(cfg: RunConfig):
     from megatron_ernie.runtime import ParallelLayout
 
@@ -171,6 +178,7 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
     states = {"source": source}
 
     manager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.optim_format.value)
+    assets = _start_assets(cfg)
     resume_from = manager.latest() if cfg.checkpoint.resume else None
     start = manager.load(resume_from, run_.models, states) if resume_from is not None else 0
 
@@ -218,7 +226,7 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
         bar.set_postfix(loss=f"{result.losses[step]:.4f}")
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
             result.checkpoint = manager.save(step, run_.models, states, hf_config=to_hf_config(args),
-                                             run_config=to_yaml(cfg), tokenizer=tokenizer)
+                                             assets_from=assets, run_config=to_yaml(cfg), tokenizer=tokenizer)
         maybe_fail(f"after_step:{step}")  # crash tests: a kill -9 between steps
     bar.close()
     result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm", *algorithm.curves))
