@@ -45,21 +45,28 @@ PARAM_TOL = 5e-3 * LR
 
 
 def _one_step(model_name: str, layout: ParallelLayout, workdir: Path):
-    from megatron.core import parallel_state as ps
-
     from megatron_ernie.models.ernie.model import build_model
     from megatron_ernie.runtime import initialize
-    from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, train_step, wrap_ddp
 
     args = MODELS[model_name]
     initialize(layout, args, seed=1234)
     model = build_model(args, layout)
     weights = torch.load(workdir / f"{model_name}_weights.pt")
     load_canonical(model, weights.__getitem__)
+    _, result = adam_step(model, layout, args)
+    return model, result
+
+
+def adam_step(model, layout: ParallelLayout, args):
+    """(DDP wrapper, StepResult) of one Adam step (LR, ADAM_EPS) on the fixed global batch, split
+    over the data-parallel ranks (one sample per micro-batch)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, train_step, wrap_ddp
+
     ddp = wrap_ddp(model, layout)
     opt = build_optimizer([ddp], layout, lr=LR, eps=ADAM_EPS)
     attach_schedule_hooks([ddp], opt)
-
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = GLOBAL_BATCH // dp
     batch = fixed_batch(args, GLOBAL_BATCH, SEQ)
@@ -67,7 +74,7 @@ def _one_step(model_name: str, layout: ParallelLayout, workdir: Path):
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in mine]
     result = train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1,
                         forward_step=sft_forward_step)
-    return model, result
+    return ddp, result
 
 
 def sft_forward_step(data_iterator, model):

@@ -21,7 +21,8 @@ from megatron_ernie.errors import WeightError
 from megatron_ernie.rl import refit as refit_mod
 from megatron_ernie.rl.refit import MiB, RefitStats, buckets, hf_tensors, refit, unshard
 from megatron_ernie.runtime import ParallelLayout
-from tests.helpers import TEST_MOE, fixed_batch, save_hf_model, spawn
+from tests.helpers import TEST_MOE, save_hf_model, spawn
+from tests.test_layout_parity import PARAM_TOL, adam_step
 
 MODELS = {
     "moe": TEST_MOE,  # tied embedding, dense layer 0, MoE layers 1-3, 8 experts top-2, 1 shared expert
@@ -59,8 +60,6 @@ STEP = {
     "step_dp2_distopt": (ParallelLayout(distributed_optimizer=True), 2),  # params all-gathered after the step
     "step_tp2_ep2": (ParallelLayout(tp=2, ep=2, **SP), 4),
 }
-GLOBAL_BATCH, SEQ, LR, ADAM_EPS = 4, 32, 1e-3, 1e-6
-PARAM_TOL = 5e-3 * LR  # as tests/test_layout_parity.py: a fraction of one Adam step
 BF16 = {"moe_pp2_bf16"}
 FP32_IN_BF16 = ("mlp.gate.weight", "e_score_correction_bias")  # ERNIE keeps the router in fp32
 EXTRA = "decoder.layers.3.mlp.extra_gain"  # the error job's unknown parameter (last stage, local layer 1)
@@ -116,22 +115,9 @@ def _fresh_job(rank, name, workdir):
 
 def stepped_trainer(args, layout, hf_dir):
     """(model, its DDP wrapper): loaded from `hf_dir` at `layout`, after one Adam step on a fixed
-    global batch split over the data-parallel ranks."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ernie.algorithms.sft import forward_step
-    from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, train_step, wrap_ddp
-
+    global batch split over the data-parallel ranks (test_layout_parity's step)."""
     model = _model(args, layout, hf_dir)
-    ddp = wrap_ddp(model, layout)
-    opt = build_optimizer([ddp], layout, lr=LR, eps=ADAM_EPS)
-    attach_schedule_hooks([ddp], opt)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per_rank = GLOBAL_BATCH // dp
-    batch = fixed_batch(args, GLOBAL_BATCH, SEQ)
-    micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
-    result = train_step([ddp], opt, micro, num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1,
-                        forward_step=forward_step)
+    ddp, result = adam_step(model, layout, args)
     assert result.update_successful
     return model, ddp
 

@@ -13,7 +13,7 @@ every token the model consumed (prompt + completion[:-1]), which the trainer rep
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -90,6 +90,29 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None: ...
 
     def wake(self) -> None: ...
+
+
+def token_ids(value) -> tuple[int, ...]:
+    """An HF config's token-id field (None, an int or a list) as a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def hf_eos_ids(path) -> tuple[int, ...]:
+    """An HF model directory's EOS ids: generation_config.json's (ERNIE lists several there),
+    else config.json's, else none."""
+    import json
+    from pathlib import Path
+
+    for file in (Path(path) / "generation_config.json", Path(path) / "config.json"):
+        if file.exists():
+            eos = token_ids(json.loads(file.read_text()).get("eos_token_id"))
+            if eos:
+                return eos
+    return ()
 
 
 OVERLONG = ("refuse", "truncate")

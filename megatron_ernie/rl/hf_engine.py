@@ -50,7 +50,9 @@ from megatron_ernie.rl.engine import (
     SamplingParams,
     check_prompts,
     hf_checkpoint_tensors,
+    hf_eos_ids,
     per_request,
+    token_ids,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,14 +60,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _OWN_KEYS = {"do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "max_length", "eos_token_id",
              "pad_token_id", "output_logits", "return_dict_in_generate", "num_beams", "num_return_sequences"}
 _EXPERT_NAME = re.compile(r"^(?P<base>.+\.mlp\.experts\.)(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-
-
-def _ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
 
 
 class HFEngine:
@@ -95,7 +89,7 @@ class HFEngine:
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len={self.max_model_len}: needs room for a prompt token and a new one")
         self.overlong = overlong
-        self.eos_token_ids = _ids(eos_token_ids if eos_token_ids is not None else cfg.eos_token_id)
+        self.eos_token_ids = token_ids(eos_token_ids if eos_token_ids is not None else cfg.eos_token_id)
         if pad_token_id is None:
             pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (self.eos_token_ids or (0,))[0]
         self.pad_token_id = int(pad_token_id)
@@ -126,8 +120,6 @@ class HFEngine:
                         **kwargs) -> "HFEngine":
         """Load an HF model directory (config.json + safetensors). EOS ids come from its
         generation_config.json when it has one (unless `eos_token_ids` is given)."""
-        import json
-
         from transformers import AutoModelForCausalLM
 
         if isinstance(dtype, str):
@@ -140,11 +132,8 @@ class HFEngine:
 
             raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        gen = path / "generation_config.json"
-        if "eos_token_ids" not in kwargs and gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            if eos is not None:
-                kwargs["eos_token_ids"] = _ids(eos)
+        if "eos_token_ids" not in kwargs and (eos := hf_eos_ids(path)):
+            kwargs["eos_token_ids"] = eos
         return cls(model, **kwargs)
 
     @property

@@ -42,7 +42,6 @@ weight's storage; after `wake()` the weights are uninitialised and `update_weigh
 from __future__ import annotations
 
 import gc
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from megatron_ernie.rl.engine import (
     EngineStats,
     SamplingParams,
     check_prompts,
+    hf_eos_ids,
     per_request,
 )
 from megatron_ernie.runtime import cpu_compat
@@ -261,7 +261,7 @@ class MegatronEngine:
         """An engine on an HF model directory: config.json, weights, and EOS ids from
         generation_config.json when present (unless `eos_token_ids` is given)."""
         args = from_hf_config(path)
-        kwargs.setdefault("eos_token_ids", _generation_eos_ids(Path(path), args))
+        kwargs.setdefault("eos_token_ids", hf_eos_ids(path) or (args.eos_token_id,))
         return cls(args, layout, init_from=path, **kwargs)
 
     def _build(self, dtype: torch.dtype):
@@ -527,13 +527,3 @@ def _same_in_group(prompts, params, group) -> bool:
     t = torch.tensor([crc, -crc], dtype=torch.long, device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
     return int(t[0]) == -int(t[1])
-
-
-def _generation_eos_ids(path: Path, args: ErnieArgs) -> list[int]:
-    """EOS ids from generation_config.json (int or list), else the model config's."""
-    file = path / "generation_config.json"
-    if file.exists():
-        eos = json.loads(file.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-    return [args.eos_token_id]

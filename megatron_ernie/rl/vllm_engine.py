@@ -65,6 +65,7 @@ from megatron_ernie.rl.engine import (
     SamplingParams,
     check_prompts,
     hf_checkpoint_tensors,
+    hf_eos_ids,
     per_request,
 )
 
@@ -122,7 +123,7 @@ class VLLMEngine:
         if sleep_level not in (1, 2):
             raise ConfigError(f"sleep_level must be 1 (offload weights) or 2 (discard them), got {sleep_level}")
         self.overlong = overlong
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None else _eos_ids(path)
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids) if eos_token_ids is not None else hf_eos_ids(path)
 
         _in_process()
         from vllm import LLM
@@ -372,17 +373,6 @@ def _repack_cpu(model: torch.nn.Module) -> dict[str, int]:
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
             done["gemm_handles"] += 1
     return done
-
-
-def _eos_ids(path: Path) -> tuple[int, ...]:
-    import json
-
-    for file in (path / "generation_config.json", path / "config.json"):
-        if file.exists():
-            eos = json.loads(file.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-    return ()
 
 
 def _np_state(state=None):
