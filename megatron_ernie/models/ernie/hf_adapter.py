@@ -408,6 +408,37 @@ def shard_for_rank(full: torch.Tensor, local: torch.Tensor, name: str, info: Ran
     return full
 
 
+def _copy_whole(local: torch.Tensor, name: str, parts: dict[str, torch.Tensor], args: ErnieArgs) -> bool:
+    """Copy the HF parts straight into their places in `local` when it holds the whole canonical
+    tensor (no TP split): `canonical_from_hf` + copy, without building the fused tensor first —
+    one copy of q/k/v and gate/up instead of two (refit speed). False: the caller slices."""
+    hf_names, kind = canonical_to_hf_names(name)
+    tensors = [parts[n] for n in hf_names]
+    if kind == "qkv":
+        q, k, v = tensors
+        g, d, h = args.num_key_value_heads, args.head_dim, q.shape[-1]
+        if tuple(local.shape) != (q.shape[0] + k.shape[0] + v.shape[0], h):
+            return False
+        groups = local.view(g, -1, h)
+        per = q.shape[0] // g
+        groups[:, :per].copy_(q.reshape(g, per, h))
+        groups[:, per:per + d].copy_(k.reshape(g, d, h))
+        groups[:, per + d:].copy_(v.reshape(g, d, h))
+        return True
+    if kind == "glu":
+        gate, up = tensors
+        if tuple(local.shape) != (gate.shape[0] + up.shape[0], *gate.shape[1:]):
+            return False
+        local[:gate.shape[0]].copy_(gate)
+        local[gate.shape[0]:].copy_(up)
+        return True
+    full = tensors[0].reshape(-1) if kind == "bias" else tensors[0]
+    if tuple(full.shape) != tuple(local.shape):
+        return False
+    local.copy_(full)
+    return True
+
+
 def local_tensors(model) -> Iterable[tuple[str, torch.Tensor]]:
     """(name, tensor) for every parameter and persistent buffer this rank holds."""
     m = unwrap_model(model)
@@ -497,9 +528,12 @@ class HFLoader:
         parts = self.pending.setdefault(canon, {})
         parts[name] = fetch()
         if len(parts) == len(canonical_to_hf_names(canon)[0]):
-            full = canonical_from_hf(canon, parts.__getitem__, self.args)
+            full = None
             for local in self.targets[canon]:
-                local.copy_(shard_for_rank(full, local, canon, self.info).to(local.dtype))
+                if not _copy_whole(local, canon, parts, self.args):
+                    if full is None:
+                        full = canonical_from_hf(canon, parts.__getitem__, self.args)
+                    local.copy_(shard_for_rank(full, local, canon, self.info).to(local.dtype))
                 self.filled += 1
             del self.pending[canon]
 
