@@ -10,7 +10,23 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ernie.models.ernie import ErnieArgs, preset, to_hf_config
+from megatron_ernie.rewards.types import PerSampleSource, RewardResult, register_source
 from megatron_ernie.runtime.distributed import free_port  # noqa: F401 - tests import it from here
+
+
+@register_source("test_vowels")
+class VowelShare(PerSampleSource):
+    """RL tests' reward: the share of vowels among the response's letters. Deterministic, and it
+    varies between a tiny random model's samples (so group advantages are not all zero)."""
+
+    name = "test_vowels"
+
+    def __init__(self, name="test_vowels"):
+        self.name = name
+
+    def score_one(self, sample):
+        letters = [c for c in sample.response.lower() if c.isalpha()]
+        return RewardResult(sum(c in "aeiou" for c in letters) / max(len(letters), 1), self.name)
 
 
 def hf_model(args: ErnieArgs, seed: int = 0, bias_std: float = 0.05):

@@ -18,24 +18,9 @@ import pytest
 import torch
 
 from megatron_ernie.algorithms import sft
-from megatron_ernie.rewards.types import PerSampleSource, RewardResult, register_source
 from megatron_ernie.training.algorithm import Algorithm, Role, Update
 from megatron_ernie.training.step import LOSS_KEY
-from tests.helpers import ENGINE_MOE, save_hf_model, spawn
-
-
-@register_source("test_vowels")
-class VowelShare(PerSampleSource):
-    """Reward = share of vowels among the response's letters (varies between samples)."""
-
-    name = "test_vowels"
-
-    def __init__(self, name="test_vowels"):
-        self.name = name
-
-    def score_one(self, sample):
-        letters = [c for c in sample.response.lower() if c.isalpha()]
-        return RewardResult(sum(c in "aeiou" for c in letters) / max(len(letters), 1), self.name)
+from tests.helpers import ENGINE_MOE, save_hf_model, spawn  # helpers registers the test_vowels reward
 
 
 def pg_loss(batch, output):

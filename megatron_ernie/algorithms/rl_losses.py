@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ernie.errors import ConfigError
+from megatron_ernie.training.config import AGGREGATIONS  # one list: the config checks it too
 from megatron_ernie.training.step import LOSS_KEY
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.training.step import LOSS_KEY
 
 MAIN = "policy"  # the role whose weights a run exports (checkpoint keys "model"/"optimizer"/...)
@@ -143,6 +144,10 @@ class Algorithm:
 
     def build_source(self, run: Run) -> ExperienceSource:
         c = run.cfg
+        gbs, mbs = c.train.global_batch_size, c.train.micro_batch_size
+        if gbs % (mbs * run.dp_size):  # a rollout source sizes its batch by rl.rollout instead
+            raise ConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size×DP = "
+                              f"{mbs}×{run.dp_size}")
         return StaticSource(self.build_dataset(run.cfg, run.tokenizer), c.train.global_batch_size,
                             seed=c.train.seed, dp_size=run.dp_size, dp_rank=run.dp_rank,
                             mini_batches=self.mini_batches)

@@ -23,6 +23,7 @@ from megatron_ernie.errors import ConfigError  # a recipe or override that canno
 class Stage(str, Enum):
     sft = "sft"
     reward_model = "reward_model"
+    grpo = "grpo"
 
 
 class Decay(str, Enum):
@@ -147,11 +148,45 @@ class RolloutCfg:
     thinking: bool = True  # False: prompts end with an empty think block (non-thinking mode)
 
 
+class KLEstimator(str, Enum):  # algorithms/rl_losses.kl_estimate
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+    abs = "abs"
+
+
+@dataclass
+class PolicyCfg:
+    """The clipped policy-gradient update shared by PPO and GRPO."""
+
+    clip_low: float = 0.2
+    clip_high: Optional[float] = 0.28  # DAPO's clip-higher; None: = clip_low (symmetric PPO)
+    dual_clip: Optional[float] = None  # c > 1 bounds the loss of negative advantages (Ye et al.)
+    aggregation: str = "token-mean"  # or seq-mean-token-sum, seq-mean-token-mean (rl_losses.AGGREGATIONS)
+    tis_cap: Optional[float] = 2.0  # truncated importance sampling of the rollout mismatch; None: off
+    kl_coef: float = 0.0  # KL-to-reference loss; > 0 adds a frozen reference model
+    kl_estimator: KLEstimator = KLEstimator.k3
+    epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass (the batch split evenly)
+
+
+@dataclass
+class GRPOCfg:
+    normalize_std: bool = True  # advantages over the group's std (False: Dr. GRPO's mean-only)
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last N of max_new_tokens; 0: off
+    overlong_factor: float = 1.0
+    dynamic_sampling: bool = True  # DAPO: drop groups of equal rewards, sample more until full
+    max_rounds: int = 4  # rollouts per step at most; hitting it stops the run with a message
+    min_variance: float = 1e-12  # a group whose reward variance is below this is dropped
+
+
 @dataclass
 class RLCfg:
     rewards: Optional[str] = None  # reward router YAML (recipes/rewards/...); None: rewards 0
     router_replay: RouterReplay = RouterReplay.rollout
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    policy: PolicyCfg = field(default_factory=PolicyCfg)
+    grpo: GRPOCfg = field(default_factory=GRPOCfg)
 
 
 @dataclass
@@ -221,6 +256,9 @@ def validate(raw: DictConfig | dict, source: str = "<config>") -> RunConfig:
     return obj
 
 
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")  # = rl_losses.AGGREGATIONS
+
+
 def _check_values(cfg: RunConfig) -> None:
     checks = [
         ("train.steps", cfg.train.steps > 0, "must be > 0"),
@@ -236,6 +274,17 @@ def _check_values(cfg: RunConfig) -> None:
         ("rl.rollout.temperature", cfg.rl.rollout.temperature >= 0, "must be >= 0"),
         ("rl.rollout.top_p", 0 < cfg.rl.rollout.top_p <= 1, "must be in (0, 1]"),
         ("rl.rollout.refit_bucket_mb", cfg.rl.rollout.refit_bucket_mb > 0, "must be > 0"),
+        ("rl.policy.aggregation", cfg.rl.policy.aggregation in AGGREGATIONS, "must be one of " + ", ".join(AGGREGATIONS)),
+        ("rl.policy.clip_low", 0 < cfg.rl.policy.clip_low < 1, "must be in (0, 1)"),
+        ("rl.policy.clip_high", cfg.rl.policy.clip_high is None or cfg.rl.policy.clip_high > 0, "must be > 0"),
+        ("rl.policy.dual_clip", cfg.rl.policy.dual_clip is None or cfg.rl.policy.dual_clip > 1, "must be > 1"),
+        ("rl.policy.tis_cap", cfg.rl.policy.tis_cap is None or cfg.rl.policy.tis_cap > 0, "must be > 0"),
+        ("rl.policy.kl_coef", cfg.rl.policy.kl_coef >= 0, "must be >= 0"),
+        ("rl.policy.epochs", cfg.rl.policy.epochs >= 1, "must be >= 1"),
+        ("rl.policy.mini_batches", cfg.rl.policy.mini_batches >= 1, "must be >= 1"),
+        ("rl.grpo.overlong_buffer", 0 <= cfg.rl.grpo.overlong_buffer <= cfg.rl.rollout.max_new_tokens,
+         "must be in 0..rl.rollout.max_new_tokens"),
+        ("rl.grpo.max_rounds", cfg.rl.grpo.max_rounds >= 1, "must be >= 1"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -163,9 +163,6 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
     env = initialize(layout, args, seed=cfg.train.seed)
     out = Path(cfg.out_dir)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if gbs % (mbs * dp):
-        raise ConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size×DP = {mbs}×{dp}")
 
     tokenizer = algorithm.build_tokenizer(cfg)
     if len(tokenizer) > args.vocab_size:
