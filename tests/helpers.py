@@ -97,3 +97,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- RL runs ------------------------------------------------------------------------------------
+RL_PROMPTS = ("what is 2 + 3?", "spell cat", "say hello", "name a colour")
+
+
+def rl_inputs(root: Path, reward: str = "test_vowels", normalize: str = "") -> list[str]:
+    """A tiny engine MoE as an HF dir, four prompts and a one-source reward router under `root`:
+    the overrides that point a run at them."""
+    import json
+
+    hf = save_hf_model(ENGINE_MOE, root / "hf") if not (root / "hf").exists() else root / "hf"
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "domain": "general"}) + "\n" for p in RL_PROMPTS))
+    return [f"model.init_from={hf}", f"rl.rollout.prompts={prompts}", f"rl.rewards={rl_rewards(root, reward, normalize)}"]
+
+
+def rl_rewards(root: Path, reward: str, normalize: str = "") -> Path:
+    path = root / f"rewards_{reward}.yaml"
+    path.write_text(f"sources:\n  r: {{type: {reward}}}\nroutes:\n  - {{domain: '*', combine: {{r: 1.0}}}}\n"
+                    + (f"normalize: {normalize}\n" if normalize else ""))
+    return path
+
+
+def run_and_record(rank: int, world: int, overrides: list[str], out: Path, algorithm=None,
+                   fault: str | None = None) -> None:
+    """One training run (in a spawned rank): recipes + overrides, the stage's algorithm unless one
+    is given; the last rank writes out/result.json with the losses (float hex) and metric rows."""
+    import json
+
+    from megatron_ernie import algorithms
+    from megatron_ernie.training.config import compose
+    from megatron_ernie.training.loop import run
+
+    if fault:
+        os.environ["MEGATRON_ERNIE_FAULT"] = fault
+    cfg = compose([*overrides, f"out_dir={out}"])
+    result = run(cfg, algorithm if algorithm is not None else algorithms.build(cfg.stage.value), progress=False)
+    if rank == world - 1:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        (out / "result.json").write_text(json.dumps({"losses": {str(k): v.hex() for k, v in result.losses.items()},
+                                                     "rows": rows}))
+
+
+def recorded(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "result.json").read_text())
+

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_ernie.rewards.types import RewardResult, register_source
-from tests.helpers import ENGINE_MOE, VowelShare, save_hf_model, spawn
+from tests.helpers import VowelShare, recorded, rl_inputs, rl_rewards, run_and_record, spawn
 
 
 @register_source("grpo_cat_constant")
@@ -42,45 +40,24 @@ BASE = ["recipe=grpo", "data.seq_length=48", "train.micro_batch_size=2", "optim.
 
 
 def _train(rank, world, overrides, out: Path, fault: str | None = None):
-    from megatron_ernie import algorithms
-    from megatron_ernie.training.config import compose
-    from megatron_ernie.training.loop import run
-
-    if fault:
-        os.environ["MEGATRON_ERNIE_FAULT"] = fault
-    cfg = compose([*BASE, *overrides, f"out_dir={out}"])
-    result = run(cfg, algorithms.build(cfg.stage.value), progress=False)
-    if rank == world - 1:
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        (out / "result.json").write_text(json.dumps({"losses": {str(k): v.hex() for k, v in result.losses.items()},
-                                                     "rows": rows}))
-
-
-def _rewards(root: Path, source: str) -> Path:
-    path = root / f"{source}.yaml"
-    path.write_text(f"sources:\n  r: {{type: {source}}}\nroutes:\n  - {{domain: '*', combine: {{r: 1.0}}}}\n")
-    return path
+    run_and_record(rank, world, [*BASE, *overrides], out, fault=fault)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    hf = save_hf_model(ENGINE_MOE, root / "hf")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
-                               for p in ("what is 2 + 3?", "spell cat", "say hello", "name a colour")))
-    return root, [f"model.init_from={hf}", f"rl.rollout.prompts={prompts}"]
+    return root, [o for o in rl_inputs(root) if not o.startswith("rl.rewards=")]
 
 
 def _rows(out: Path) -> list[dict]:
-    return json.loads((out / "result.json").read_text())["rows"]
+    return recorded(out)["rows"]
 
 
 @pytest.fixture(scope="module")
 def two_epochs(setup):
     root, common = setup
     out = root / "two_epochs"
-    spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'test_vowels')}", "rl.policy.epochs=2",
+    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'test_vowels')}", "rl.policy.epochs=2",
                       "rl.policy.mini_batches=2"], out)
     return _rows(out)
 
@@ -104,7 +81,7 @@ def test_grpo_run_reports_its_losses_and_the_rollout(two_epochs):
 def single(setup):
     root, common = setup
     out = root / "single"
-    spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'test_vowels')}", "train.steps=1", "rl.policy.tis_cap=null"], out)
+    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'test_vowels')}", "train.steps=1", "rl.policy.tis_cap=null"], out)
     return _rows(out)[0]
 
 
@@ -113,7 +90,7 @@ def test_first_step_equal_at_every_layout(setup, single, tmp_path, layout):
     root, common = setup
     extra = [] if layout == "dp" else [layout]  # "dp": two ranks, no model parallelism
     out = tmp_path / "run"
-    spawn(_train, 2, [*common, f"rl.rewards={_rewards(root, 'test_vowels')}", "train.steps=1", "rl.policy.tis_cap=null", *extra], out)
+    spawn(_train, 2, [*common, f"rl.rewards={rl_rewards(root, 'test_vowels')}", "train.steps=1", "rl.policy.tis_cap=null", *extra], out)
     got = _rows(out)[0]
     assert got["rollout/reward_mean"] == pytest.approx(single["rollout/reward_mean"], rel=1e-6)
     # The group-relative gradient is a sum of terms of both signs that largely cancel, so the
@@ -128,7 +105,7 @@ def test_first_step_equal_at_every_layout(setup, single, tmp_path, layout):
 def test_dynamic_sampling_drops_alike_groups_and_refills(setup, tmp_path):
     root, common = setup
     out = tmp_path / "run"
-    spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'grpo_cat_constant')}", "train.steps=3"], out)
+    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'grpo_cat_constant')}", "train.steps=3"], out)
     rows = _rows(out)
     assert sum(r["dynamic/groups_dropped"] for r in rows) >= 1  # "spell cat" comes up in 3 steps × 2 prompts
     for r in rows:  # every step still trains on 2 informative groups
@@ -140,14 +117,14 @@ def test_dynamic_sampling_drops_alike_groups_and_refills(setup, tmp_path):
 def test_dynamic_sampling_round_cap_stops_with_a_message(setup, tmp_path):
     root, common = setup
     with pytest.raises(Exception, match=r"dynamic sampling: 3 rounds of 2 prompts left 0 of 2 groups per rank"):
-        spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'grpo_constant')}", "rl.grpo.max_rounds=3"],
+        spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'grpo_constant')}", "rl.grpo.max_rounds=3"],
               tmp_path / "run")
 
 
 def test_micro_batch_that_does_not_divide_the_mini_batch_is_refused(setup, tmp_path):
     root, common = setup
     with pytest.raises(Exception, match=r"train.micro_batch_size=3 does not divide the 8 completions"):
-        spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'test_vowels')}", "train.micro_batch_size=3"],
+        spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'test_vowels')}", "train.micro_batch_size=3"],
               tmp_path / "run")
 
 
@@ -159,27 +136,29 @@ KL = ["rl.policy.kl_coef=0.05", "train.steps=3"]
 def with_reference(setup):
     root, common = setup
     out = root / "kl"
-    spawn(_train, 1, [*common, f"rl.rewards={_rewards(root, 'grpo_cat_constant')}", *KL], out)
-    return json.loads((out / "result.json").read_text()), out
+    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'grpo_cat_constant')}", *KL], out)
+    return recorded(out), out
 
 
 def test_kl_to_the_reference_starts_at_zero_and_grows(with_reference):
     rows = with_reference[0]["rows"]
     assert rows[0]["kl_ref"] < 1e-9  # the policy starts as the reference
     assert rows[-1]["kl_ref"] > 0
-    state = torch.load(with_reference[1] / "checkpoints" / "step_00000003" / "common.pt", weights_only=False)
-    assert "reference" not in state.get("optimizers", {})  # frozen: no optimizer state
+    from megatron_ernie.conversion.locate import STATE_FILE
+
+    saved = json.loads((with_reference[1] / "checkpoints" / "step_00000003" / STATE_FILE).read_text())
+    assert saved["roles"] == ["policy", "reference"]  # the frozen reference restarts from model.init_from
 
 
 def test_kill_and_resume_is_bit_exact(setup, with_reference, tmp_path):
     ref = with_reference[0]
     root, common = setup
     out = tmp_path / "run"
-    args = [*common, f"rl.rewards={_rewards(root, 'grpo_cat_constant')}", *KL]
+    args = [*common, f"rl.rewards={rl_rewards(root, 'grpo_cat_constant')}", *KL]
     with pytest.raises(Exception, match="SIGKILL"):
         spawn(_train, 1, args, out, "after_step:2")
     spawn(_train, 1, args, out)
-    got = json.loads((out / "result.json").read_text())
+    got = recorded(out)
     assert got["losses"] == {"3": ref["losses"]["3"]}
     timing = ("_s", "tokens_per_s")
     strip = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in got["rows"]]

@@ -20,7 +20,7 @@ import torch
 from megatron_ernie.algorithms import sft
 from megatron_ernie.training.algorithm import Algorithm, Role, Update
 from megatron_ernie.training.step import LOSS_KEY
-from tests.helpers import ENGINE_MOE, save_hf_model, spawn  # helpers registers the test_vowels reward
+from tests.helpers import rl_inputs, run_and_record, spawn  # helpers registers the test_vowels reward
 
 
 def pg_loss(batch, output):
@@ -101,30 +101,13 @@ RL = ["recipe=sft", "data.seq_length=48", "train.global_batch_size=8", "train.mi
 
 
 def _train(rank, world, overrides, out: Path, fault: str | None = None):
-    from megatron_ernie.training.config import compose
-    from megatron_ernie.training.loop import run
-
-    if fault:
-        os.environ["MEGATRON_ERNIE_FAULT"] = fault
-    result = run(compose([*RL, *overrides, f"out_dir={out}"]), GroupBaselinePG(), progress=False)
-    if rank == world - 1:
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        (out / "result.json").write_text(json.dumps({"losses": {str(k): v.hex() for k, v in result.losses.items()},
-                                                     "rows": rows}))
+    run_and_record(rank, world, [*RL, *overrides], out, GroupBaselinePG(), fault)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
-    hf = save_hf_model(ENGINE_MOE, root / "hf")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "domain": "general"}) + "\n"
-                               for p in ("what is 2 + 3?", "spell cat", "say hello", "name a colour")))
-    rewards = root / "rewards.yaml"
-    rewards.write_text("sources:\n  vowels: {type: test_vowels}\nroutes:\n  - {domain: '*', combine: {vowels: 1.0}}\n"
-                       "normalize: {mode: zscore, min_count: 2}\n")
-    common = [f"model.init_from={hf}", f"rl.rollout.prompts={prompts}", f"rl.rewards={rewards}"]
-    return root, common
+    return root, rl_inputs(root, normalize="{mode: zscore, min_count: 2}")
 
 
 @pytest.fixture(scope="module")

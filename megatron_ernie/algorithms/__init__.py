@@ -5,10 +5,11 @@ from __future__ import annotations
 
 def build(stage: str):
     from megatron_ernie.algorithms.grpo import GRPO
+    from megatron_ernie.algorithms.ppo import PPO
     from megatron_ernie.algorithms.reward_model import RewardModel
     from megatron_ernie.algorithms.sft import SFT
 
-    algorithms = {"sft": SFT, "reward_model": RewardModel, "grpo": GRPO}
+    algorithms = {"sft": SFT, "reward_model": RewardModel, "grpo": GRPO, "ppo": PPO}
     if stage not in algorithms:
         from megatron_ernie.errors import ConfigError
 

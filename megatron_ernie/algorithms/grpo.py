@@ -15,13 +15,14 @@ Per step:
    - With `rl.policy.kl_coef` > 0, it also computes the frozen reference's log-probs.
 3. `updates`: `rl.policy.epochs` passes over the batch, each split into `rl.policy.mini_batches`
    optimizer steps.
-4. The loss per token (`rl_losses.policy_loss`) is the clipped surrogate. The clip is
+4. The loss per token (`policy_step.loss`, shared with PPO) is the clipped surrogate. The clip is
    clip-higher (ε_low 0.2, ε_high 0.28), with an optional dual clip. It is weighted by the
    truncated importance ratio of trainer and rollout log-probs (`rl.policy.tis_cap`) and
    aggregated `token-mean` (DAPO) or per sequence. With a KL term, k3 against the reference is
    added, aggregated the same way.
 
 Log-probs stay vocab-parallel (`training.forward.token_logprobs`): no full logits are gathered.
+The roles are the policy and, with a KL term, a frozen `reference`.
 """
 from __future__ import annotations
 
@@ -29,46 +30,11 @@ from functools import partial
 
 import torch
 
-from megatron_ernie.algorithms import rl_losses, sft
+from megatron_ernie.algorithms import policy_step, rl_losses, sft
 from megatron_ernie.errors import ConfigError
 from megatron_ernie.training.algorithm import MAIN, Algorithm, Role, Update
-from megatron_ernie.training.step import LOSS_KEY
 
 REFERENCE = "reference"
-POLICY_REPORTS = (LOSS_KEY, "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio")
-
-
-def _policy_forward_step(data_iterator, model, *, policy):
-    from megatron_ernie.rl.replay import replay_routing
-
-    batch = next(data_iterator)
-    with replay_routing(model, batch.get("routed_experts")):
-        logits = model(batch["tokens"], batch["position_ids"], None)  # this rank's vocab slice
-    return logits, partial(policy_loss, batch, policy)
-
-
-def policy_loss(batch: dict, policy, logits: torch.Tensor):
-    """The GRPO/PPO policy loss of one micro-batch from its logits (Megatron's loss function)."""
-    from megatron_ernie.training.forward import token_logprobs
-
-    logp = token_logprobs(logits, batch["labels"])
-    mask = batch["loss_mask"]
-    weights = None
-    if policy.tis_cap is not None:
-        weights = rl_losses.truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"], policy.tis_cap)
-    total, count, reports = rl_losses.policy_loss(
-        logp, batch["old_logprobs"], batch["advantages"], mask, clip_low=policy.clip_low,
-        clip_high=policy.clip_high, dual_clip=policy.dual_clip, aggregation=policy.aggregation,
-        is_weights=weights)
-    if policy.kl_coef > 0:
-        kl = rl_losses.kl_estimate(logp, batch["ref_logprobs"], policy.kl_estimator.value)
-        kl_total, _ = rl_losses.aggregate(kl, mask, policy.aggregation)
-        total = total + policy.kl_coef * kl_total
-        reports[LOSS_KEY] = torch.stack([total.detach().double(), reports[LOSS_KEY][1]])
-        reports["kl_ref"] = torch.stack([(kl.detach() * mask).sum().double(), mask.sum().double()])
-    if weights is not None:
-        reports["tis_weight"] = torch.stack([(weights * mask).sum().double(), mask.sum().double()])
-    return total, count, reports
 
 
 class GRPO(Algorithm):
@@ -161,11 +127,10 @@ class GRPO(Algorithm):
         return out
 
     def forward_step(self, role):
-        return partial(_policy_forward_step, policy=self.policy)
+        return partial(policy_step.forward_step, policy=self.policy)
 
     def report_keys(self, role):
-        extra = (("kl_ref",) if self.policy.kl_coef > 0 else ()) + (("tis_weight",) if self.policy.tis_cap else ())
-        return POLICY_REPORTS + extra
+        return policy_step.report_keys(self.policy)
 
 
 def _global_mean(values: torch.Tensor, run) -> float:

@@ -174,6 +174,15 @@ class Algorithm:
     def report_keys(self, role: str) -> tuple[str, ...]:
         return (LOSS_KEY,)
 
+    def step_metrics(self, row: dict) -> dict[str, float]:
+        """Metrics derived from the step's reduced reports (e.g. explained variance); default none."""
+        return {}
+
+    def states(self) -> dict:
+        """The algorithm's own resumable state ({name: object with state_dict/load_state_dict},
+        e.g. an adaptive KL controller), checkpointed beside the source's; default none."""
+        return {}
+
     def evaluate(self, run: Run) -> dict[str, float] | None:
         """Held-out metrics at `train.eval_interval` and at the end; None: the stage has none."""
         return None

@@ -24,6 +24,7 @@ class Stage(str, Enum):
     sft = "sft"
     reward_model = "reward_model"
     grpo = "grpo"
+    ppo = "ppo"
 
 
 class Decay(str, Enum):
@@ -180,6 +181,31 @@ class GRPOCfg:
     min_variance: float = 1e-12  # a group whose reward variance is below this is dropped
 
 
+class UPOKind(str, Enum):  # algorithms/rl_losses.dpo_loss
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+
+
+@dataclass
+class PPOCfg:
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # over the whole global batch (every DP rank's tokens)
+    kl_penalty: float = 0.05  # β of the per-token KL reward penalty (k1 vs the reference); 0: off
+    kl_target: Optional[float] = None  # adaptive β (Ziegler et al.) towards this KL; None: fixed
+    kl_horizon: int = 10000
+    value_clip: Optional[float] = 0.2  # None: unclipped value loss
+    critic_init: Optional[str] = None  # reward-model checkpoint or HF dir; None: model.init_from (head fresh)
+    critic_warmup_steps: int = 0  # the first N steps train only the critic
+    # online UPO (ERNIE 4.5): per prompt group the (best, worst) completions whose reward margin
+    # exceeds upo_margin form a pair; a DPO-style loss against the reference is added with upo_coef
+    upo_coef: float = 0.0
+    upo_beta: float = 0.1
+    upo_kind: UPOKind = UPOKind.sigmoid
+    upo_label_smoothing: float = 0.0
+    upo_margin: float = 0.0
+
+
 @dataclass
 class RLCfg:
     rewards: Optional[str] = None  # reward router YAML (recipes/rewards/...); None: rewards 0
@@ -187,6 +213,7 @@ class RLCfg:
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
     policy: PolicyCfg = field(default_factory=PolicyCfg)
     grpo: GRPOCfg = field(default_factory=GRPOCfg)
+    ppo: PPOCfg = field(default_factory=PPOCfg)
 
 
 @dataclass
@@ -285,6 +312,15 @@ def _check_values(cfg: RunConfig) -> None:
         ("rl.grpo.overlong_buffer", 0 <= cfg.rl.grpo.overlong_buffer <= cfg.rl.rollout.max_new_tokens,
          "must be in 0..rl.rollout.max_new_tokens"),
         ("rl.grpo.max_rounds", cfg.rl.grpo.max_rounds >= 1, "must be >= 1"),
+        ("rl.ppo.gamma", 0 < cfg.rl.ppo.gamma <= 1, "must be in (0, 1]"),
+        ("rl.ppo.lam", 0 <= cfg.rl.ppo.lam <= 1, "must be in [0, 1]"),
+        ("rl.ppo.kl_penalty", cfg.rl.ppo.kl_penalty >= 0, "must be >= 0"),
+        ("rl.ppo.kl_target", cfg.rl.ppo.kl_target is None or cfg.rl.ppo.kl_target > 0, "must be > 0"),
+        ("rl.ppo.value_clip", cfg.rl.ppo.value_clip is None or cfg.rl.ppo.value_clip > 0, "must be > 0"),
+        ("rl.ppo.critic_warmup_steps", cfg.rl.ppo.critic_warmup_steps >= 0, "must be >= 0"),
+        ("rl.ppo.upo_coef", cfg.rl.ppo.upo_coef >= 0, "must be >= 0"),
+        ("rl.ppo.upo_beta", cfg.rl.ppo.upo_beta > 0, "must be > 0"),
+        ("rl.ppo.upo_label_smoothing", 0 <= cfg.rl.ppo.upo_label_smoothing < 0.5, "must be in [0, 0.5)"),
     ]
     for key, ok, why in checks:
         if not ok:

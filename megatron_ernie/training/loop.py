@@ -172,7 +172,7 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
     inits = {}
     for role in algorithm.roles:
         run_.models[role.name], inits[role.name] = _build_role(role, cfg, args, layout)
-    states = {"source": source}
+    states = {"source": source, **algorithm.states()}
 
     manager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.optim_format.value)
     assets = _start_assets(cfg)
@@ -204,14 +204,15 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
         source.after_update(step, run_)
         dt = time.perf_counter() - t0
         row = _step_metrics(results, run_.models)
+        row.update(algorithm.step_metrics(row))
         for part in trainable.values():
             part.scheduler.step(increment=1)
-        main = results.get(MAIN, next(iter(results.values())))
-        result.losses[step] = main[-1].loss if len(main) == 1 else row["loss"]
-        result.metrics[step] = {k: v for k, v in row.items() if k not in ("loss", "lr", "grad_norm", "loss_tokens")}
-        loads = {f"moe_load_max_over_mean/layer{i}": v for i, v in (main[-1].extra or {}).items()}
-        metrics.log(step, loss=row.pop("loss"), lr=row.pop("lr"), grad_norm=row.pop("grad_norm"),
-                    tokens_per_s=sequences * cfg.data.seq_length / dt, loss_tokens=row.pop("loss_tokens"),
+        main = results.get(MAIN)  # None: the main role did not train this step (e.g. a critic warm-up)
+        result.losses[step] = float("nan") if main is None else main[-1].loss if len(main) == 1 else row["loss"]
+        head = {k: row.pop(k) for k in ("loss", "lr", "grad_norm", "loss_tokens") if k in row}
+        result.metrics[step] = dict(row)
+        loads = {f"moe_load_max_over_mean/layer{i}": v for i, v in ((main[-1].extra if main else None) or {}).items()}
+        metrics.log(step, **head, tokens_per_s=sequences * cfg.data.seq_length / dt,
                     **row, **loads, **getattr(source, "last_metrics", {}), **run_.metrics)
         if _evaluation_due(cfg, step):
             evaluation = algorithm.evaluate(run_)

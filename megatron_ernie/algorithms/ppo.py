@@ -1,0 +1,253 @@
+"""PPO with online UPO (`recipe=ppo`): ERNIE 4.5's RL stage.
+
+Roles:
+- `policy` (the actor, trained);
+- `critic`: the ERNIE decoder with a scalar head. It starts from `rl.ppo.critic_init` (a
+  reward-model checkpoint) or else from the model's weights with a fresh head.
+- `reference` (frozen): present when a KL term or UPO needs it.
+
+Per step:
+1. The rollout source gives this DP rank its prompt groups. The reward router scores and
+   normalises them.
+2. `prepare`:
+   - The old log-probs of the policy (routing replayed), the reference's log-probs and the
+     critic's values.
+   - The token rewards: -β·KL per token (k1, `rl.ppo.kl_penalty`; fixed β, or adaptive towards
+     `kl_target`, whose state is checkpointed), plus the sequence's reward on its last token.
+   - GAE (γ, λ) gives advantages and returns. The advantages are whitened over the global batch.
+   - Online UPO: per group, the best and the worst completion form a pair when their rewards
+     differ by more than `upo_margin`. They are moved to the group's first two rows, so that a
+     pair never straddles a micro-batch (micro_batch_size and samples_per_prompt are even).
+3. `updates`: `rl.policy.epochs` × `mini_batches`, each a policy step (the clipped surrogate
+   `policy_step.loss`, plus c·UPO) and a critic step (the clipped value loss). During the first
+   `critic_warmup_steps` steps only the critic trains.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_ernie.algorithms import policy_step, rl_losses, sft
+from megatron_ernie.errors import ConfigError
+from megatron_ernie.models.ernie.hf_adapter import REWARD_HEAD
+from megatron_ernie.training.algorithm import MAIN, Algorithm, Role, Update
+from megatron_ernie.training.step import LOSS_KEY
+
+CRITIC, REFERENCE = "critic", "reference"
+VALUE_REPORTS = (LOSS_KEY, "value_clip_fraction", "ev_returns", "ev_returns_sq", "ev_error", "ev_error_sq")
+
+
+def _value_forward_step(data_iterator, model, *, clip, aggregation):
+    batch = next(data_iterator)
+    values = model(batch["tokens"], batch["position_ids"], None)  # [b, s, 1]; the critic routes by itself
+    return values, partial(_value_loss, batch, clip, aggregation)
+
+
+def _value_loss(batch, clip, aggregation, output):
+    return rl_losses.value_loss(output[..., 0].float(), batch["old_values"], batch["returns"], batch["loss_mask"],
+                                clip=clip, aggregation=aggregation)
+
+
+class PPO(Algorithm):
+    name = "ppo"
+    curves = ("rollout/reward_mean", "critic/loss", "critic/explained_variance", "ppo/kl", "ppo/kl_coef",
+              "clip_fraction", "upo_loss", "upo/pairs")
+
+    def build_tokenizer(self, cfg):
+        self.policy, self.ppo = cfg.rl.policy, cfg.rl.ppo
+        self.upo = self.ppo if self.ppo.upo_coef > 0 else None
+        needs_reference = self.ppo.kl_penalty > 0 or self.policy.kl_coef > 0 or self.upo is not None
+        self.roles = (Role(MAIN), Role(CRITIC, head="scalar", keep_init=(REWARD_HEAD,), init_from=self.ppo.critic_init)) \
+            + ((Role(REFERENCE, trainable=False),) if needs_reference else ())
+        if self.ppo.kl_target is not None:
+            self.kl = rl_losses.AdaptiveKLController(self.ppo.kl_penalty, self.ppo.kl_target, self.ppo.kl_horizon)
+        else:
+            self.kl = rl_losses.FixedKLController(self.ppo.kl_penalty)
+        return sft.build_tokenizer(cfg)
+
+    def states(self) -> dict:
+        return {"kl_controller": self.kl}
+
+    def build_source(self, run):
+        from megatron_ernie.rl.setup import build_rollout_source
+
+        self.run = run
+        r, mbs = run.cfg.rl.rollout, run.cfg.train.micro_batch_size
+        rows = r.prompts_per_step // max(run.dp_size * self.policy.mini_batches, 1) * r.samples_per_prompt
+        if rows % mbs:
+            raise ConfigError(f"train.micro_batch_size={mbs} does not divide the {rows} completions of a rank's "
+                              f"mini-batch (rl.rollout.prompts_per_step / (DP × rl.policy.mini_batches) × "
+                              f"rl.rollout.samples_per_prompt)")
+        if self.upo is not None and (mbs % 2 or r.samples_per_prompt % 2):
+            raise ConfigError(f"online UPO (rl.ppo.upo_coef > 0) keeps each pair in one micro-batch: "
+                              f"train.micro_batch_size ({mbs}) and rl.rollout.samples_per_prompt "
+                              f"({r.samples_per_prompt}) must be even")
+        return build_rollout_source(run, mini_batches=self.policy.mini_batches)
+
+    # --- before the updates ---
+    def prepare(self, batch, run):
+        from megatron_ernie.rl.logprobs import recompute
+        from megatron_ernie.rl.rollout import collate
+        from megatron_ernie.training.forward import per_token
+
+        cfg, mbs = run.cfg, run.cfg.train.micro_batch_size
+        if self.upo is not None:
+            batch = _pairs_first(batch, self.ppo.upo_margin)
+        replay = cfg.rl.router_replay.value == "rollout"
+        old, mismatch = recompute(run, batch, replay=replay, micro_batch_size=mbs)
+        run.metrics.update(mismatch)
+        ref = recompute(run, batch, role=REFERENCE, replay=replay, micro_batch_size=mbs)[0] \
+            if REFERENCE in run.models else None
+        micro = [collate(batch[k:k + mbs], cfg.data.seq_length) for k in range(0, len(batch), mbs)]
+        for m in micro:
+            m.pop("routed_experts", None)  # the critic is another model: its own routing
+        values = per_token(run.models[CRITIC].chunks, micro, what="values", seq_length=cfg.data.seq_length)
+        if self.upo is not None:
+            run.metrics["upo/pairs"] = _all_reduce([float(sum(e.extra.get("upo") == "chosen" for e in batch))], run)[0]
+        if old is not None:  # the last pipeline stage: the loss inputs live there
+            self._loss_inputs(batch, old, ref, values, micro, run)
+        self._update_kl(run)
+        return batch
+
+    def _loss_inputs(self, batch, old, ref, values, micro, run) -> None:
+        masks = torch.cat([m["loss_mask"] for m in micro])
+        values = torch.cat(values) * masks
+        lp, rp = _pad(old, masks), _pad(ref, masks) if ref is not None else None
+        scores = torch.tensor([e.reward for e in batch], dtype=torch.float32)
+        kl = (lp - rp) * masks if rp is not None else torch.zeros_like(masks)
+        rewards = rl_losses.kl_penalised_rewards(scores, lp, rp if rp is not None else lp, masks, self.kl.value, "k1")
+        advantages, returns = rl_losses.gae(rewards, values, masks, self.ppo.gamma, self.ppo.lam)
+        if self.ppo.whiten_advantages:
+            from megatron.core import parallel_state as ps
+
+            advantages = rl_losses.whiten(advantages, masks, group=ps.get_data_parallel_group() if run.dp_size > 1
+                                          else None)
+        kl_mean = _global_mean(kl.sum(), masks.sum(), run)
+        run.metrics.update({"ppo/kl": kl_mean, "ppo/kl_coef": self.kl.value,
+                            "ppo/value_mean": _global_mean(values.sum(), masks.sum(), run),
+                            "ppo/return_mean": _global_mean(returns.sum(), masks.sum(), run)})
+        for i, e in enumerate(batch):
+            m = masks[i].bool()
+            e.extra.update(old_logprobs=old[i], advantages=advantages[i][m], returns=returns[i][m],
+                           old_values=values[i][m])
+            if ref is not None:
+                e.extra["ref_logprobs"] = ref[i]
+        self._kl_mean = kl_mean
+
+    def _update_kl(self, run) -> None:
+        """The controller moves on every rank by the last stage's measured KL (one state everywhere)."""
+        from megatron.core import parallel_state as ps
+
+        kl = torch.tensor([getattr(self, "_kl_mean", 0.0)], dtype=torch.float64)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(kl, src=ps.get_pipeline_model_parallel_last_rank(),
+                                        group=ps.get_pipeline_model_parallel_group())
+        r = run.cfg.rl.rollout
+        self.kl.update(float(kl), n_steps=r.prompts_per_step * r.samples_per_prompt)
+
+    def microbatch(self, experiences, upo_scale: float = 0.0) -> dict:
+        from megatron_ernie.rl.rollout import collate
+
+        seq = self.run.cfg.data.seq_length
+        batch = collate(experiences, seq)
+        if self.run.cfg.rl.router_replay.value != "rollout":
+            batch.pop("routed_experts", None)
+        names = ["old_logprobs", "advantages", "returns", "old_values"] + (["ref_logprobs"] if REFERENCE in
+                                                                           self.run.models else [])
+        for name in names:
+            batch[name] = torch.zeros(len(experiences), seq)
+        for i, e in enumerate(experiences):
+            m = batch["loss_mask"][i].bool()
+            for name in names:
+                if name in e.extra:
+                    batch[name][i, m] = e.extra[name]
+        if self.upo is not None:
+            rows = [i for i, e in enumerate(experiences) if e.extra.get("upo") == "chosen"]
+            batch["upo_chosen"] = torch.tensor(rows, dtype=torch.long)
+            batch["upo_rejected"] = torch.tensor([i + 1 for i in rows], dtype=torch.long)
+            batch["upo_scale"] = torch.tensor(upo_scale, dtype=torch.float64)
+        return batch
+
+    def updates(self, batch, run) -> list[Update]:
+        c = run.cfg
+        mbs, minis = c.train.micro_batch_size, self.policy.mini_batches
+        size = len(batch) // minis
+        parts = [batch[k * size:(k + 1) * size] for k in range(minis)]
+        train_policy = run.step > self.ppo.critic_warmup_steps
+        out = []
+        for _ in range(self.policy.epochs):
+            for part in parts:
+                chunks = [part[j:j + mbs] for j in range(0, len(part), mbs)]
+                if train_policy:
+                    scale = self._upo_scale(part, run) if self.upo is not None else 0.0
+                    out.append(Update(MAIN, [self.microbatch(ch, scale) for ch in chunks], mbs, c.data.seq_length))
+                out.append(Update(CRITIC, [self.microbatch(ch) for ch in chunks], mbs, c.data.seq_length))
+        return out
+
+    def _upo_scale(self, part, run) -> float:
+        """The update's surrogate count (tokens or sequences, every DP rank) over its pairs."""
+        mask_rows = [len(e.response_ids) for e in part]
+        count = sum(mask_rows) if self.policy.aggregation == "token-mean" else sum(n > 0 for n in mask_rows)
+        pairs = sum(e.extra.get("upo") == "chosen" for e in part)
+        totals = _all_reduce([float(count), float(pairs)], run)
+        return totals[0] / totals[1] if totals[1] else 0.0
+
+    def forward_step(self, role):
+        if role == CRITIC:
+            return partial(_value_forward_step, clip=self.ppo.value_clip, aggregation=self.policy.aggregation)
+        return partial(policy_step.forward_step, policy=self.policy, upo=self.upo)
+
+    def report_keys(self, role):
+        if role == CRITIC:
+            return VALUE_REPORTS
+        return policy_step.report_keys(self.policy, self.upo)
+
+    def step_metrics(self, row: dict) -> dict:
+        """Explained variance from the critic's reported sums."""
+        means = {k.removeprefix("critic/"): v for k, v in row.items() if k.startswith("critic/ev_")}
+        return {"critic/explained_variance": rl_losses.explained_variance(means)} if means else {}
+
+
+def _pairs_first(batch: list, margin: float) -> list:
+    """Per group (consecutive rows), its best and worst completion first when their rewards differ
+    by more than `margin` (marked chosen / rejected); ties keep the first sampled."""
+    out, start = [], 0
+    while start < len(batch):
+        end = start
+        while end < len(batch) and batch[end].group == batch[start].group:
+            end += 1
+        group = batch[start:end]
+        for e in group:
+            e.extra.pop("upo", None)
+        best = max(range(len(group)), key=lambda i: (group[i].reward, -i))
+        worst = min(range(len(group)), key=lambda i: (group[i].reward, i))
+        if len(group) > 1 and group[best].reward - group[worst].reward > margin:
+            group[best].extra["upo"], group[worst].extra["upo"] = "chosen", "rejected"
+            rest = [e for i, e in enumerate(group) if i not in (best, worst)]
+            group = [group[best], group[worst], *rest]
+        out += group
+        start = end
+    return out
+
+
+def _pad(rows: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+    """Per-experience response values -> [n, s] at the mask's positions."""
+    out = torch.zeros_like(masks)
+    for i, r in enumerate(rows):
+        out[i, masks[i].bool()] = r.to(out.dtype)
+    return out
+
+
+def _all_reduce(values: list[float], run) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if run.dp_size > 1:
+        from megatron.core import parallel_state as ps
+
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def _global_mean(total: torch.Tensor, count: torch.Tensor, run) -> float:
+    s, n = _all_reduce([float(total), float(count)], run)
+    return s / n if n else 0.0
