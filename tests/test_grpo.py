@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ernie.rewards.types import RewardResult, register_source
-from tests.helpers import VowelShare, recorded, rl_inputs, rl_rewards, run_and_record, spawn
+from tests.helpers import ENGINE_MOE, VowelShare, recorded, rl_inputs, rl_rewards, run_and_record, spawn
 
 
 @register_source("grpo_cat_constant")
@@ -24,6 +24,16 @@ class CatConstant(VowelShare):
 
     def score_one(self, sample):
         return RewardResult(0.5, self.name) if "cat" in sample.prompt else super().score_one(sample)
+
+
+@register_source("grpo_cat_nan")
+class CatNaN(VowelShare):
+    """Vowel share, except NaN for every response to a prompt mentioning "cat" (a broken source)."""
+
+    name = "grpo_cat_nan"
+
+    def score_one(self, sample):
+        return RewardResult(float("nan"), self.name) if "cat" in sample.prompt else super().score_one(sample)
 
 
 @register_source("grpo_constant")
@@ -72,6 +82,11 @@ def test_grpo_run_reports_its_losses_and_the_rollout(two_epochs):
         assert r["tis_weight"] == pytest.approx(1.0, abs=1e-4)
         assert r["rollout/advantage_abs"] > 0 and r["rollout/overlong_penalty"] <= 0
         assert r["dynamic/rounds"] == 1 and r["dynamic/groups_dropped"] == 0
+        assert 0 < r["entropy"] <= math.log(ENGINE_MOE.vocab_size)
+        assert r["rollout/reward_failures"] == 0
+        for part in ("batch", "prepare", "train", "after_update"):  # the step-time breakdown
+            assert r[f"time/{part}_s"] > 0
+        assert 0 < r["rollout/reward_s"] < r["time/batch_s"] and 0 < r["rollout/generate_s"] < r["time/batch_s"]
     # later updates of a step run off-policy: the ratio moves away from 1 and clipping can start
     assert any(r["approx_kl"] > 0 for r in two_epochs)
 
@@ -97,17 +112,21 @@ def test_first_step_equal_at_every_layout(setup, single, tmp_path, layout):
     # rounding of TP's partial sums shows more in its norm than in SFT's: measured 1.3e-6 at TP=2
     # (+SP), below 1e-6 at EP=2, PP=2 and DP=2.
     assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=2e-6 if "tp" in layout else 1e-6)
+    assert got["entropy"] == pytest.approx(single["entropy"], rel=1e-6)  # vocab-parallel under TP
     assert got["loss"] == pytest.approx(single["loss"], rel=1e-6, abs=1e-8)
     assert got["loss_tokens"] == single["loss_tokens"]
 
 
 # --- dynamic sampling ---------------------------------------------------------------------------
 def test_dynamic_sampling_drops_alike_groups_and_refills(setup, tmp_path):
+    """The "cat" prompt's source returns NaN: the router scores those samples 0 (counted), their
+    group is all alike and dynamic sampling replaces it."""
     root, common = setup
     out = tmp_path / "run"
-    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'grpo_cat_constant')}", "train.steps=3"], out)
+    spawn(_train, 1, [*common, f"rl.rewards={rl_rewards(root, 'grpo_cat_nan')}", "train.steps=3"], out)
     rows = _rows(out)
     assert sum(r["dynamic/groups_dropped"] for r in rows) >= 1  # "spell cat" comes up in 3 steps × 2 prompts
+    assert sum(r["rollout/reward_failures"] for r in rows) >= 4  # its 4 samples, counted each time
     for r in rows:  # every step still trains on 2 informative groups
         assert r["dynamic/groups_sampled"] - r["dynamic/groups_dropped"] >= 2
         assert r["dynamic/rounds"] == 1 + (r["dynamic/groups_dropped"] > 0) * (r["dynamic/rounds"] - 1)

@@ -208,6 +208,13 @@ def test_entropy_from_logits():
     assert torch.allclose(h, torch.tensor([math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]))
 
 
+def test_vocab_parallel_entropy_on_one_rank_is_the_plain_entropy():
+    from megatron_ernie.training.forward import token_entropy
+
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(0)) * 4
+    assert torch.allclose(token_entropy(logits), L.entropy_from_logits(logits), atol=1e-5)
+
+
 # --- preference -----------------------------------------------------------------------------
 def test_dpo_ipo_and_label_smoothing():
     chosen, rejected, ref_c, ref_r = t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0])

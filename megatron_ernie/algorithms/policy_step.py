@@ -1,6 +1,7 @@
 """The policy's forward step and loss, shared by GRPO and PPO (Megatron's loss-function contract).
 
 Per micro-batch, from the policy's vocab-parallel logits:
+- the policy's entropy on the response tokens, reported (vocab-parallel, `training.forward.token_entropy`);
 - the clipped surrogate on the response tokens (`rl_losses.policy_loss`), weighted by the
   truncated importance ratio of trainer and rollout (`rl.policy.tis_cap`);
 - optionally k3 KL to the frozen reference as a loss (`rl.policy.kl_coef`);
@@ -21,7 +22,7 @@ import torch
 from megatron_ernie.algorithms import rl_losses
 from megatron_ernie.training.step import LOSS_KEY
 
-POLICY_REPORTS = (LOSS_KEY, "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio")
+POLICY_REPORTS = (LOSS_KEY, "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio", "entropy")
 UPO_REPORTS = ("upo_loss", "upo_pair_accuracy", "upo_reward_margin")
 
 
@@ -35,10 +36,13 @@ def forward_step(data_iterator, model, *, policy, upo=None):
 
 
 def loss(batch: dict, policy, upo, logits: torch.Tensor):
-    from megatron_ernie.training.forward import token_logprobs
+    from megatron.core import parallel_state as ps
+
+    from megatron_ernie.training.forward import token_entropy, token_logprobs
 
     logp = token_logprobs(logits, batch["labels"])
     mask = batch["loss_mask"]
+    entropy = token_entropy(logits, ps.get_tensor_model_parallel_group())
     weights = None
     if policy.tis_cap is not None:
         weights = rl_losses.truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"], policy.tis_cap)
@@ -51,6 +55,7 @@ def loss(batch: dict, policy, upo, logits: torch.Tensor):
         reports["kl_ref"] = _mean(kl.detach(), mask)
     if weights is not None:
         reports["tis_weight"] = _mean(weights, mask)
+    reports["entropy"] = _mean(entropy, mask)
     if upo is not None:
         total = total + _upo(batch, upo, logp, mask, reports)
     reports[LOSS_KEY] = torch.stack([total.detach().double(), reports[LOSS_KEY][1]])

@@ -18,6 +18,10 @@ import torch
 from megatron_ernie.errors import DataError
 
 
+SUMMED = ("rollout/generate_s", "rollout/reward_s", "rollout/time_s", "rollout/reward_failures",
+          "rollout/prompts_truncated")
+
+
 class DynamicSampling:
     def __init__(self, inner, *, max_rounds: int, min_variance: float, dp_group=None, dp_size: int = 1):
         self.inner, self.max_rounds, self.min_variance = inner, max_rounds, min_variance
@@ -33,12 +37,14 @@ class DynamicSampling:
         from megatron_ernie.rewards.filters import filter_groups
 
         kept: list[list] = []
-        dropped = generate_s = 0.0
+        dropped = 0.0
+        summed = dict.fromkeys(SUMMED, 0.0)  # over the rounds; the other rollout metrics are the last round's
         rounds = 0
         while True:
             batch = self.inner.next_batch(step)
             rounds += 1
-            generate_s += self.inner.last_metrics.get("rollout/generate_s", 0.0)
+            for k in summed:
+                summed[k] += self.inner.last_metrics.get(k, 0.0)
             groups = [str(e.group) for e in batch]
             result = filter_groups(groups, [e.reward for e in batch], drop_all_correct=False, drop_all_wrong=False,
                                    min_variance=self.min_variance)
@@ -56,8 +62,8 @@ class DynamicSampling:
                     f"varied rewards (all others scored alike); raise rl.grpo.max_rounds, sample more per prompt "
                     f"(rl.rollout.samples_per_prompt), pre-filter the prompts (megatron-ernie-prefilter), "
                     f"or set rl.grpo.dynamic_sampling=false")
-        self.last_metrics = {**self.inner.last_metrics, "rollout/generate_s": generate_s,
-                             "dynamic/rounds": float(rounds), **self._counts(dropped, len(kept))}
+        self.last_metrics = {**self.inner.last_metrics, **summed, "dynamic/rounds": float(rounds),
+                             **self._counts(dropped, len(kept))}
         return [e for group in kept[:self.groups_per_rank] for e in group]
 
     def _anyone_short(self, have: int) -> bool:

@@ -207,8 +207,10 @@ class RolloutSource:
         completions = self.engine.generate(requests, params)
         t_gen = time.perf_counter() - t0
         experiences = [self._experience(c, g, s, p) for c, (g, s, p) in zip(completions, meta)]
+        t_score = time.perf_counter()
         self._score(experiences, [p for _, _, p in meta])
-        self.last_metrics = self._metrics(experiences, t_gen, time.perf_counter() - t0)
+        now = time.perf_counter()
+        self.last_metrics = {**self._metrics(experiences, t_gen, now - t0), "rollout/reward_s": now - t_score}
         return experiences
 
     def after_update(self, step: int, run) -> None:
@@ -257,12 +259,15 @@ class RolloutSource:
     def _metrics(self, experiences: list[Experience], t_gen: float, t_all: float) -> dict[str, float]:
         n = torch.tensor([len(experiences), sum(len(e.response_ids) for e in experiences),
                           sum(e.reward for e in experiences), sum(e.finish_reason == "length" for e in experiences),
-                          sum(e.prompt_truncated for e in experiences)], dtype=torch.float64)
+                          sum(e.prompt_truncated for e in experiences),
+                          sum(bool(e.reward_record.get("failed")) for e in experiences)], dtype=torch.float64)
         if self.dp_size > 1:
             torch.distributed.all_reduce(n, group=self.dp_group)
         count = max(float(n[0]), 1.0)
         return {"rollout/reward_mean": float(n[2]) / count, "rollout/response_len": float(n[1]) / count,
                 "rollout/truncated_share": float(n[3]) / count, "rollout/prompts_truncated": float(n[4]),
+                # samples a reward source could not score (raised, timed out, NaN/inf): scored 0 by the router
+                "rollout/reward_failures": float(n[5]),
                 "rollout/generate_s": t_gen, "rollout/tokens_per_s": float(n[1]) / max(t_gen, 1e-9),
                 "rollout/time_s": t_all}
 

@@ -26,6 +26,24 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -vocab_parallel_cross_entropy(logits, labels)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """Entropy per position of softmax over the whole vocabulary, from this TP rank's slice of
+    the logits [b, s, V/tp] (fp32, no gradient: a metric). `group` (TP) is reduced over: a max,
+    then Σ e^(l-m) and Σ e^(l-m)·(l-m) together, without gathering the logits."""
+    logits = logits.float()
+    reduce = group is not None and torch.distributed.get_world_size(group) > 1
+    m = logits.max(dim=-1, keepdim=True).values
+    if reduce:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    shifted = logits - m
+    e = shifted.exp()
+    sums = torch.stack([e.sum(dim=-1), (e * shifted).sum(dim=-1)])
+    if reduce:
+        torch.distributed.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
 def _model_inputs(batch: dict):
     return batch["tokens"], batch["position_ids"], batch.get("attention_mask")
 

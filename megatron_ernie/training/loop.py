@@ -194,15 +194,23 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
         t0 = time.perf_counter()  # the whole iteration: batch building included
         run_.step = step
         run_.metrics.clear()
-        batch = algorithm.prepare(source.next_batch(step), run_)
+        raw = source.next_batch(step)
+        t1 = time.perf_counter()
+        batch = algorithm.prepare(raw, run_)
+        t2 = time.perf_counter()
         results: dict[str, list] = {}
         sequences = 0
         for update in algorithm.updates(batch, run_):
             out_ = _apply_update(algorithm, run_, update, on_main=update.role == MAIN)
             results.setdefault(update.role, []).append(out_)
             sequences += len(update.microbatches) * update.rows_per_microbatch * dp
+        t3 = time.perf_counter()
         source.after_update(step, run_)
         dt = time.perf_counter() - t0
+        # where the step went: batch (RL: rollout + rewards), prepare (forward-only passes), the
+        # updates, after_update (RL: the refit)
+        timing = {"time/batch_s": t1 - t0, "time/prepare_s": t2 - t1, "time/train_s": t3 - t2,
+                  "time/after_update_s": t0 + dt - t3}
         row = _step_metrics(results, run_.models)
         row.update(algorithm.step_metrics(row))
         for part in trainable.values():
@@ -213,7 +221,7 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
         result.metrics[step] = dict(row)
         loads = {f"moe_load_max_over_mean/layer{i}": v for i, v in ((main[-1].extra if main else None) or {}).items()}
         metrics.log(step, **head, tokens_per_s=sequences * cfg.data.seq_length / dt,
-                    **row, **loads, **getattr(source, "last_metrics", {}), **run_.metrics)
+                    **row, **loads, **getattr(source, "last_metrics", {}), **run_.metrics, **timing)
         if _evaluation_due(cfg, step):
             evaluation = algorithm.evaluate(run_)
             if evaluation is not None:
