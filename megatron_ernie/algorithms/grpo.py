@@ -31,7 +31,6 @@ from functools import partial
 import torch
 
 from megatron_ernie.algorithms import policy_step, rl_losses, sft
-from megatron_ernie.errors import ConfigError
 from megatron_ernie.training.algorithm import MAIN, Algorithm, Role, Update
 
 REFERENCE = "reference"
@@ -49,24 +48,17 @@ class GRPO(Algorithm):
         return sft.build_tokenizer(cfg)
 
     def build_source(self, run):
-        from megatron.core import parallel_state as ps
-
         from megatron_ernie.rl.dynamic_sampling import DynamicSampling
         from megatron_ernie.rl.setup import build_rollout_source
 
         self.run = run
-        r, minis = run.cfg.rl.rollout, self.policy.mini_batches
-        rows = r.prompts_per_step // max(run.dp_size * minis, 1) * r.samples_per_prompt  # per rank and update
-        if rows % run.cfg.train.micro_batch_size:
-            raise ConfigError(f"train.micro_batch_size={run.cfg.train.micro_batch_size} does not divide the "
-                              f"{rows} completions of a rank's mini-batch (rl.rollout.prompts_per_step / "
-                              f"(DP × rl.policy.mini_batches) × rl.rollout.samples_per_prompt)")
+        minis = self.policy.mini_batches
+        policy_step.check_micro_batch(run, minis)
         source = build_rollout_source(run, mini_batches=minis)
         g = run.cfg.rl.grpo
         if not g.dynamic_sampling:
             return source
-        return DynamicSampling(source, max_rounds=g.max_rounds, min_variance=g.min_variance, dp_size=run.dp_size,
-                               dp_group=ps.get_data_parallel_group() if run.dp_size > 1 else None)
+        return DynamicSampling(source, max_rounds=g.max_rounds, min_variance=g.min_variance)
 
     # --- before the updates ---
     def prepare(self, batch, run):
@@ -79,7 +71,7 @@ class GRPO(Algorithm):
             lengths = torch.tensor([len(e.response_ids) for e in batch])
             penalty = rl_losses.overlong_penalty(lengths, r.max_new_tokens, g.overlong_buffer, g.overlong_factor)
             rewards = rewards + penalty
-            run.metrics["rollout/overlong_penalty"] = _global_mean(penalty, run)
+            run.metrics["rollout/overlong_penalty"] = policy_step.dp_mean(penalty.sum(), penalty.numel(), run)
         advantages = rl_losses.group_advantages(rewards, [e.group for e in batch], normalize_std=g.normalize_std)
         replay = cfg.rl.router_replay.value == "rollout"
         old, mismatch = recompute(run, batch, replay=replay, micro_batch_size=cfg.train.micro_batch_size)
@@ -88,43 +80,24 @@ class GRPO(Algorithm):
         if self.policy.kl_coef > 0:
             ref, _ = recompute(run, batch, role=REFERENCE, replay=replay, micro_batch_size=cfg.train.micro_batch_size)
         for i, e in enumerate(batch):
-            e.extra["advantage"] = float(advantages[i])
+            e.extra["advantages"] = float(advantages[i])
             if old is not None:  # the last pipeline stage (the loss lives there)
                 e.extra["old_logprobs"] = old[i]
             if ref is not None:
                 e.extra["ref_logprobs"] = ref[i]
-        run.metrics["rollout/advantage_abs"] = _global_mean(advantages.abs(), run)
+        run.metrics["rollout/advantage_abs"] = policy_step.dp_mean(advantages.abs().sum(), advantages.numel(), run)
         return batch
 
     def microbatch(self, experiences) -> dict:
-        from megatron_ernie.rl.rollout import collate
-
-        seq = self.run.cfg.data.seq_length
-        batch = collate(experiences, seq)
-        if self.run.cfg.rl.router_replay.value != "rollout":
-            batch.pop("routed_experts", None)
-        names = ["old_logprobs"] + (["ref_logprobs"] if self.policy.kl_coef > 0 else [])
-        for name in ("advantages", *names):
-            batch[name] = torch.zeros(len(experiences), seq)
-        for i, e in enumerate(experiences):
-            m = batch["loss_mask"][i].bool()
-            batch["advantages"][i, m] = e.extra["advantage"]
-            for name in names:
-                if name in e.extra:
-                    batch[name][i, m] = e.extra[name]
-        return batch
+        extras = ("advantages", "old_logprobs") + (("ref_logprobs",) if self.policy.kl_coef > 0 else ())
+        return policy_step.training_batch(self.run, experiences, extras)
 
     def updates(self, batch, run) -> list[Update]:
         c = run.cfg
-        mbs, minis = c.train.micro_batch_size, self.policy.mini_batches
-        size = len(batch) // minis  # the source shares the batch so that part k belongs to mini-batch k
-        parts = [batch[k * size:(k + 1) * size] for k in range(minis)]
-        out = []
-        for _ in range(self.policy.epochs):
-            for part in parts:
-                micro = [self.microbatch(part[j:j + mbs]) for j in range(0, len(part), mbs)]
-                out.append(Update(MAIN, micro, mbs, c.data.seq_length))
-        return out
+        parts = [[self.microbatch(m) for m in part]  # built once, read by every epoch
+                 for part in policy_step.mini_batches(batch, self.policy.mini_batches, c.train.micro_batch_size)]
+        return [Update(MAIN, micro, c.train.micro_batch_size, c.data.seq_length)
+                for _ in range(self.policy.epochs) for micro in parts]
 
     def forward_step(self, role):
         return partial(policy_step.forward_step, policy=self.policy)
@@ -132,12 +105,3 @@ class GRPO(Algorithm):
     def report_keys(self, role):
         return policy_step.report_keys(self.policy)
 
-
-def _global_mean(values: torch.Tensor, run) -> float:
-    """Mean over every DP rank's values (each rank holds its own groups)."""
-    from megatron.core import parallel_state as ps
-
-    sums = torch.tensor([float(values.sum()), float(values.numel())], dtype=torch.float64)
-    if run.dp_size > 1:
-        torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
-    return float(sums[0] / sums[1].clamp(min=1))

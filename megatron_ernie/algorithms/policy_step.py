@@ -1,4 +1,5 @@
-"""The policy's forward step and loss, shared by GRPO and PPO (Megatron's loss-function contract).
+"""What GRPO and PPO share: the policy's forward step and loss (Megatron's loss-function
+contract), and how a rollout batch becomes updates (mini-batches of micro-batches).
 
 Per micro-batch, from the policy's vocab-parallel logits:
 - the policy's entropy on the response tokens, reported (vocab-parallel, `training.forward.token_entropy`);
@@ -20,6 +21,7 @@ from functools import partial
 import torch
 
 from megatron_ernie.algorithms import rl_losses
+from megatron_ernie.errors import ConfigError
 from megatron_ernie.training.step import LOSS_KEY
 
 POLICY_REPORTS = (LOSS_KEY, "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio", "entropy")
@@ -82,3 +84,49 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def report_keys(policy, upo=None) -> tuple[str, ...]:
     return (POLICY_REPORTS + (("kl_ref",) if policy.kl_coef > 0 else ()) + (("tis_weight",) if policy.tis_cap else ())
             + (UPO_REPORTS if upo is not None else ()))
+
+
+# --- a rollout batch as updates ------------------------------------------------------------------
+def check_micro_batch(run, mini_batches: int) -> None:
+    """train.micro_batch_size must divide the completions a rank trains on per update."""
+    r, mbs = run.cfg.rl.rollout, run.cfg.train.micro_batch_size
+    rows = r.prompts_per_step // max(run.dp_size * mini_batches, 1) * r.samples_per_prompt
+    if rows % mbs:
+        raise ConfigError(f"train.micro_batch_size={mbs} does not divide the {rows} completions of a rank's "
+                          f"mini-batch (rl.rollout.prompts_per_step / (DP × rl.policy.mini_batches) × "
+                          f"rl.rollout.samples_per_prompt)")
+
+
+def mini_batches(batch: list, count: int, micro_batch_size: int) -> list[list[list]]:
+    """The rank's batch as `count` mini-batches of micro-batches (the rollout source shares the
+    global batch so that the rank's k-th part belongs to global mini-batch k)."""
+    size = len(batch) // count
+    parts = [batch[k * size:(k + 1) * size] for k in range(count)]
+    return [[part[j:j + micro_batch_size] for j in range(0, len(part), micro_batch_size)] for part in parts]
+
+
+def training_batch(run, experiences, extras) -> dict:
+    """A training micro-batch: the collated rows with the per-token `extras`; the rollout's
+    routing only when it is replayed."""
+    from megatron_ernie.rl.rollout import collate
+
+    batch = collate(experiences, run.cfg.data.seq_length, extras)
+    if run.cfg.rl.router_replay.value != "rollout":
+        batch.pop("routed_experts", None)
+    return batch
+
+
+def dp_sums(values: list[float], run) -> list[float]:
+    """Sums over the data-parallel ranks (each holds its own groups)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if run.dp_size > 1:
+        from megatron.core import parallel_state as ps
+
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def dp_mean(total: float, count: float, run) -> float:
+    s, n = dp_sums([float(total), float(count)], run)
+    return s / n if n else 0.0
+

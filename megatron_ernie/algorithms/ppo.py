@@ -74,11 +74,7 @@ class PPO(Algorithm):
 
         self.run = run
         r, mbs = run.cfg.rl.rollout, run.cfg.train.micro_batch_size
-        rows = r.prompts_per_step // max(run.dp_size * self.policy.mini_batches, 1) * r.samples_per_prompt
-        if rows % mbs:
-            raise ConfigError(f"train.micro_batch_size={mbs} does not divide the {rows} completions of a rank's "
-                              f"mini-batch (rl.rollout.prompts_per_step / (DP × rl.policy.mini_batches) × "
-                              f"rl.rollout.samples_per_prompt)")
+        policy_step.check_micro_batch(run, self.policy.mini_batches)
         if self.upo is not None and (mbs % 2 or r.samples_per_prompt % 2):
             raise ConfigError(f"online UPO (rl.ppo.upo_coef > 0) keeps each pair in one micro-batch: "
                               f"train.micro_batch_size ({mbs}) and rl.rollout.samples_per_prompt "
@@ -104,7 +100,8 @@ class PPO(Algorithm):
             m.pop("routed_experts", None)  # the critic is another model: its own routing
         values = per_token(run.models[CRITIC].chunks, micro, what="values", seq_length=cfg.data.seq_length)
         if self.upo is not None:
-            run.metrics["upo/pairs"] = _all_reduce([float(sum(e.extra.get("upo") == "chosen" for e in batch))], run)[0]
+            run.metrics["upo/pairs"] = policy_step.dp_sums([float(sum(e.extra.get("upo") == "chosen" for e in batch))],
+                                                           run)[0]
         if old is not None:  # the last pipeline stage: the loss inputs live there
             self._loss_inputs(batch, old, ref, values, micro, run)
         self._update_kl(run)
@@ -113,20 +110,21 @@ class PPO(Algorithm):
     def _loss_inputs(self, batch, old, ref, values, micro, run) -> None:
         masks = torch.cat([m["loss_mask"] for m in micro])
         values = torch.cat(values) * masks
-        lp, rp = _pad(old, masks), _pad(ref, masks) if ref is not None else None
+        lp = _pad(old, masks)
+        rp = _pad(ref, masks) if ref is not None else lp  # no reference: no KL
         scores = torch.tensor([e.reward for e in batch], dtype=torch.float32)
-        kl = (lp - rp) * masks if rp is not None else torch.zeros_like(masks)
-        rewards = rl_losses.kl_penalised_rewards(scores, lp, rp if rp is not None else lp, masks, self.kl.value, "k1")
+        kl = (lp - rp) * masks
+        rewards = rl_losses.kl_penalised_rewards(scores, lp, rp, masks, self.kl.value, "k1")
         advantages, returns = rl_losses.gae(rewards, values, masks, self.ppo.gamma, self.ppo.lam)
         if self.ppo.whiten_advantages:
             from megatron.core import parallel_state as ps
 
             advantages = rl_losses.whiten(advantages, masks, group=ps.get_data_parallel_group() if run.dp_size > 1
                                           else None)
-        kl_mean = _global_mean(kl.sum(), masks.sum(), run)
+        kl_mean = policy_step.dp_mean(kl.sum(), masks.sum(), run)
         run.metrics.update({"ppo/kl": kl_mean, "ppo/kl_coef": self.kl.value,
-                            "ppo/value_mean": _global_mean(values.sum(), masks.sum(), run),
-                            "ppo/return_mean": _global_mean(returns.sum(), masks.sum(), run)})
+                            "ppo/value_mean": policy_step.dp_mean(values.sum(), masks.sum(), run),
+                            "ppo/return_mean": policy_step.dp_mean(returns.sum(), masks.sum(), run)})
         for i, e in enumerate(batch):
             m = masks[i].bool()
             e.extra.update(old_logprobs=old[i], advantages=advantages[i][m], returns=returns[i][m],
@@ -147,21 +145,10 @@ class PPO(Algorithm):
         self.kl.update(float(kl), n_steps=r.prompts_per_step * r.samples_per_prompt)
 
     def microbatch(self, experiences, upo_scale: float = 0.0) -> dict:
-        from megatron_ernie.rl.rollout import collate
-
-        seq = self.run.cfg.data.seq_length
-        batch = collate(experiences, seq)
-        if self.run.cfg.rl.router_replay.value != "rollout":
-            batch.pop("routed_experts", None)
-        names = ["old_logprobs", "advantages", "returns", "old_values"] + (["ref_logprobs"] if REFERENCE in
-                                                                           self.run.models else [])
-        for name in names:
-            batch[name] = torch.zeros(len(experiences), seq)
-        for i, e in enumerate(experiences):
-            m = batch["loss_mask"][i].bool()
-            for name in names:
-                if name in e.extra:
-                    batch[name][i, m] = e.extra[name]
+        """One micro-batch for both updates (the critic reads old_values/returns, the policy the rest)."""
+        extras = ("old_logprobs", "advantages", "returns", "old_values") + \
+            (("ref_logprobs",) if REFERENCE in self.run.models else ())
+        batch = policy_step.training_batch(self.run, experiences, extras)
         if self.upo is not None:
             rows = [i for i, e in enumerate(experiences) if e.extra.get("upo") == "chosen"]
             batch["upo_chosen"] = torch.tensor(rows, dtype=torch.long)
@@ -171,27 +158,27 @@ class PPO(Algorithm):
 
     def updates(self, batch, run) -> list[Update]:
         c = run.cfg
-        mbs, minis = c.train.micro_batch_size, self.policy.mini_batches
-        size = len(batch) // minis
-        parts = [batch[k * size:(k + 1) * size] for k in range(minis)]
+        mbs, seq = c.train.micro_batch_size, c.data.seq_length
+        parts = []
+        for part in policy_step.mini_batches(batch, self.policy.mini_batches, mbs):
+            scale = self._upo_scale([e for m in part for e in m], run) if self.upo is not None else 0.0
+            parts.append([self.microbatch(m, scale) for m in part])
         train_policy = run.step > self.ppo.critic_warmup_steps
         out = []
         for _ in range(self.policy.epochs):
-            for part in parts:
-                chunks = [part[j:j + mbs] for j in range(0, len(part), mbs)]
+            for micro in parts:
                 if train_policy:
-                    scale = self._upo_scale(part, run) if self.upo is not None else 0.0
-                    out.append(Update(MAIN, [self.microbatch(ch, scale) for ch in chunks], mbs, c.data.seq_length))
-                out.append(Update(CRITIC, [self.microbatch(ch) for ch in chunks], mbs, c.data.seq_length))
+                    out.append(Update(MAIN, micro, mbs, seq))
+                out.append(Update(CRITIC, micro, mbs, seq))
         return out
 
     def _upo_scale(self, part, run) -> float:
         """The update's surrogate count (tokens or sequences, every DP rank) over its pairs."""
-        mask_rows = [len(e.response_ids) for e in part]
-        count = sum(mask_rows) if self.policy.aggregation == "token-mean" else sum(n > 0 for n in mask_rows)
+        lengths = [len(e.response_ids) for e in part]
+        count = sum(lengths) if self.policy.aggregation == "token-mean" else sum(n > 0 for n in lengths)
         pairs = sum(e.extra.get("upo") == "chosen" for e in part)
-        totals = _all_reduce([float(count), float(pairs)], run)
-        return totals[0] / totals[1] if totals[1] else 0.0
+        total_count, total_pairs = policy_step.dp_sums([float(count), float(pairs)], run)
+        return total_count / total_pairs if total_pairs else 0.0
 
     def forward_step(self, role):
         if role == CRITIC:
@@ -238,16 +225,3 @@ def _pad(rows: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
         out[i, masks[i].bool()] = r.to(out.dtype)
     return out
 
-
-def _all_reduce(values: list[float], run) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if run.dp_size > 1:
-        from megatron.core import parallel_state as ps
-
-        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
-    return t.tolist()
-
-
-def _global_mean(total: torch.Tensor, count: torch.Tensor, run) -> float:
-    s, n = _all_reduce([float(total), float(count)], run)
-    return s / n if n else 0.0

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ernie.errors import ConfigError
-from megatron_ernie.training.config import AGGREGATIONS  # one list: the config checks it too
+from megatron_ernie.training.config import AGGREGATIONS, KLEstimator  # one list each: the config checks them too
 from megatron_ernie.training.step import LOSS_KEY
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_ESTIMATORS = tuple(k.value for k in KLEstimator)
 
 
 def _pair(total: torch.Tensor, count) -> torch.Tensor:

@@ -23,9 +23,9 @@ SUMMED = ("rollout/generate_s", "rollout/reward_s", "rollout/time_s", "rollout/r
 
 
 class DynamicSampling:
-    def __init__(self, inner, *, max_rounds: int, min_variance: float, dp_group=None, dp_size: int = 1):
+    def __init__(self, inner, *, max_rounds: int, min_variance: float):
         self.inner, self.max_rounds, self.min_variance = inner, max_rounds, min_variance
-        self.dp_group, self.dp_size = dp_group, dp_size
+        self.dp_group, self.dp_size = inner.dp_group, inner.dp_size  # rounds are collective over these
         self.groups_per_rank = inner.prompts_per_step // inner.dp_size
         self.last_metrics: dict[str, float] = {}
 

@@ -117,14 +117,17 @@ def completion_seed(seed: int, group: int, sample: int) -> int:
     return x & (2**63 - 1)
 
 
-def collate(experiences: Sequence[Experience], seq_length: int) -> dict[str, torch.Tensor]:
+def collate(experiences: Sequence[Experience], seq_length: int, extras: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """[b, seq_length] rows: inputs = tokens[:-1], labels = tokens[1:], loss mask on the response's
-    tokens, the rollout's log-probs aligned with labels, routed experts aligned with inputs."""
+    tokens, the rollout's log-probs aligned with labels, routed experts aligned with inputs.
+    `extras`: names in each experience's `extra` laid out like the rollout log-probs (a value per
+    response token, or one number for all of them); an experience without one gets zeros."""
     b = len(experiences)
     tokens = torch.zeros(b, seq_length, dtype=torch.long)
     labels = torch.zeros(b, seq_length, dtype=torch.long)
     mask = torch.zeros(b, seq_length)
     rollout = torch.zeros(b, seq_length)
+    added = {name: torch.zeros(b, seq_length) for name in extras}
     for i, e in enumerate(experiences):
         full = e.tokens
         n = len(full) - 1
@@ -135,8 +138,11 @@ def collate(experiences: Sequence[Experience], seq_length: int) -> dict[str, tor
         start = len(e.prompt_ids) - 1  # the label at position start is the first response token
         mask[i, start:n] = 1.0
         rollout[i, start:n] = torch.tensor(e.rollout_logprobs, dtype=torch.float32)
+        for name, t in added.items():
+            if name in e.extra:
+                t[i, start:n] = torch.as_tensor(e.extra[name], dtype=torch.float32)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_logprobs": rollout,
-             "position_ids": torch.arange(seq_length).expand(b, -1).contiguous()}
+             "position_ids": torch.arange(seq_length).expand(b, -1).contiguous(), **added}
     if experiences and all(e.routed_experts is not None for e in experiences):
         from megatron_ernie.rl.replay import pad_routed
 

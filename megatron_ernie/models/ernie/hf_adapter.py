@@ -136,11 +136,18 @@ def hf_shapes(name: str, args: ErnieArgs) -> dict[str, tuple[int, ...]]:
     return dict(zip(hf_names, shapes))
 
 
-def _fuse_qkv(q, k, v, args: ErnieArgs) -> torch.Tensor:
+def _fuse_qkv(q, k, v, args: ErnieArgs, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Megatron's per-group [q…q k v] rows; written into `out` (the whole fused tensor) when given."""
     g, d = args.num_key_value_heads, args.head_dim
     h = q.shape[-1]
-    q = q.reshape(g, -1, h)
-    return torch.cat([q, k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
+    parts = (q.reshape(g, -1, h), k.reshape(g, d, h), v.reshape(g, d, h))
+    if out is None:
+        return torch.cat(parts, dim=1).reshape(-1, h)
+    groups, start = out.view(g, -1, h), 0
+    for part in parts:
+        groups[:, start:start + part.shape[1]].copy_(part)
+        start += part.shape[1]
+    return out
 
 
 def _split_qkv(qkv, args: ErnieArgs):
@@ -416,14 +423,9 @@ def _copy_whole(local: torch.Tensor, name: str, parts: dict[str, torch.Tensor], 
     tensors = [parts[n] for n in hf_names]
     if kind == "qkv":
         q, k, v = tensors
-        g, d, h = args.num_key_value_heads, args.head_dim, q.shape[-1]
-        if tuple(local.shape) != (q.shape[0] + k.shape[0] + v.shape[0], h):
+        if tuple(local.shape) != (q.shape[0] + k.shape[0] + v.shape[0], q.shape[-1]):
             return False
-        groups = local.view(g, -1, h)
-        per = q.shape[0] // g
-        groups[:, :per].copy_(q.reshape(g, per, h))
-        groups[:, per:per + d].copy_(k.reshape(g, d, h))
-        groups[:, per + d:].copy_(v.reshape(g, d, h))
+        _fuse_qkv(q, k, v, args, out=local)
         return True
     if kind == "glu":
         gate, up = tensors
