@@ -7,7 +7,8 @@
 
 Arguments are Hydra overrides of `recipes/` (see recipes/README.md); unknown keys and wrong
 types are refused with the key named. A pipeline runs its stages in order, each starting from the
-previous stage's final checkpoint, each in `<out_dir>/<NN>_<name>`.
+previous stage's final checkpoint (a PPO stage after a PPO stage: actor and critic), each in
+`<out_dir>/<NN>_<name>`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def run(cfg: RunConfig, progress: bool = True):
 
 def run_pipeline(cfg: RunConfig, cli: list[str], progress: bool = True) -> list:
     """Stages of a pipeline recipe; CLI overrides apply to every stage (and win)."""
-    results, previous = [], None
+    results, previous, previous_stage = [], None, None
     passthrough = [o for o in cli if not o.startswith("recipe=")]
     for i, step in enumerate(cfg.pipeline):
         overrides = [f"recipe={step.recipe}", *step.overrides, *passthrough]
@@ -42,9 +43,11 @@ def run_pipeline(cfg: RunConfig, cli: list[str], progress: bool = True) -> list:
         stage_cfg.out_dir = str(Path(cfg.out_dir) / f"{i:02d}_{stage_cfg.name}")
         if previous is not None and not any(o.startswith("model.init_from=") for o in passthrough):
             stage_cfg.model.init_from = str(previous)
+            if stage_cfg.stage.value == "ppo" and previous_stage == "ppo" and stage_cfg.rl.ppo.critic_init is None:
+                stage_cfg.rl.ppo.critic_init = str(previous)  # PPO after PPO: the critic carries on too
         result = run(stage_cfg, progress=progress)
         results.append(result)
-        previous = result.checkpoint
+        previous, previous_stage = result.checkpoint, stage_cfg.stage.value
     return results
 
 

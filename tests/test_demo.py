@@ -1,4 +1,5 @@
-"""The README's first command: SFT of the tiny MoE on the bundled chat data, on 1 and on 2 ranks."""
+"""The README's first command: the post-training chain (SFT -> offline UPO -> PPO stages 1-3) as a
+smoke run, the SFT stage learning on its own, and the demo on 2 ranks."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ def _run(cmd, tmp_path):
 
 
 def test_demo_learns_and_writes_metrics_curves_and_checkpoints(tmp_path):
-    stdout = _run([sys.executable, "-m", "megatron_ernie.demo", "--steps", "60", "--out", "run"], tmp_path)
+    stdout = _run([sys.executable, "-m", "megatron_ernie.demo", "--sft-only", "--steps", "60", "--out", "run"], tmp_path)
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+) over 60 steps", stdout).groups())
     assert last < first - 2.0, stdout
     run = tmp_path / "run" / "00_sft"
@@ -32,5 +33,27 @@ def test_demo_learns_and_writes_metrics_curves_and_checkpoints(tmp_path):
 def test_demo_under_torchrun_with_expert_parallelism(tmp_path):
     stdout = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                   "-m", "megatron_ernie.demo", "--ep", "2", "--steps", "3", "--out", "run"], tmp_path)
+                   "-m", "megatron_ernie.demo", "--sft-only", "--ep", "2", "--steps", "3", "--out", "run"], tmp_path)
     assert re.search(r"loss [\d.]+ -> [\d.]+ over 3 steps", stdout)
+
+
+def test_chain_runs_every_stage_from_the_previous_one(tmp_path):
+    """Two steps per stage: each stage starts from the previous checkpoint (PPO after PPO: the
+    critic too), RL stages evaluate before and after on their held-out split, and the end prints
+    the accuracies and the PPO step-time breakdown."""
+    stdout = _run([sys.executable, "-m", "megatron_ernie.demo", "--steps", "2", "--out", "run",
+                   "rl.rollout.prompts_per_step=4", "rl.eval.max_new_tokens=8", "rl.rollout.max_new_tokens=16"],
+                  tmp_path)
+    stages = ["00_sft", "01_upo_offline", "02_ppo_logic", "03_ppo_maths_code", "04_ppo_general"]
+    for name in stages:
+        assert (tmp_path / "run" / name / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    config = (tmp_path / "run" / "03_ppo_maths_code" / "run_config.yaml").read_text()
+    assert "run/02_ppo_logic/checkpoints/step_00000002" in config.replace(str(tmp_path) + "/", "")
+    assert re.search(r"critic_init: \S*02_ppo_logic/checkpoints/step_00000002", config)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "03_ppo_maths_code" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2] and {"eval/math/accuracy", "eval/code/accuracy"} <= set(evals[0])
+    assert {"rollout/math/accuracy", "rollout/code/reward_raw", "upo/pairs", "entropy"} <= set(rows[1])
+    assert re.search(r"02_ppo_logic: held-out accuracy [\d.]+ -> [\d.]+ \(steps 0 -> 2; logic", stdout)
+    for part in ("rollout", "reward", "ref/old log-probs + values", "train", "refit"):
+        assert re.search(rf"  {re.escape(part)} +[\d.]+ s +[\d.]+ %", stdout), stdout

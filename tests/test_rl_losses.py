@@ -235,3 +235,25 @@ def test_dpo_ipo_and_label_smoothing():
 
 def test_sequence_logprobs_sum_the_response():
     assert torch.allclose(L.sequence_logprobs(t([[-1, -2, -3]]), t([[0, 1, 1]])), t([-5]))
+
+
+def test_policy_loss_reports_the_entropy_of_the_logits(world1):
+    """The vocab-parallel cross entropy rewrites fp32 logits in place: the entropy must be read first."""
+    from types import SimpleNamespace
+
+    from megatron_ernie.algorithms import policy_step
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7) * 4.0  # peaked: entropy well below log 7
+    expected = L.entropy_from_logits(logits)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
+    labels = torch.randint(0, 7, (2, 5))
+    zeros = torch.zeros(2, 5)
+    batch = {"labels": labels, "loss_mask": mask, "old_logprobs": zeros, "rollout_logprobs": zeros,
+             "advantages": torch.ones(2, 5)}
+    policy = SimpleNamespace(tis_cap=None, clip_low=0.2, clip_high=0.28, dual_clip=None, aggregation="token-mean",
+                             kl_coef=0.0)
+    _, _, reports = policy_step.loss(batch, policy, None, logits.clone())
+    got = reports["entropy"][0] / reports["entropy"][1]
+    assert float(got) == pytest.approx(float((expected * mask).sum() / mask.sum()), rel=1e-5)
+    assert float(got) < math.log(7) - 0.5

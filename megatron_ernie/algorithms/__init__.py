@@ -8,8 +8,9 @@ def build(stage: str):
     from megatron_ernie.algorithms.ppo import PPO
     from megatron_ernie.algorithms.reward_model import RewardModel
     from megatron_ernie.algorithms.sft import SFT
+    from megatron_ernie.algorithms.upo_offline import UPOOffline
 
-    algorithms = {"sft": SFT, "reward_model": RewardModel, "grpo": GRPO, "ppo": PPO}
+    algorithms = {"sft": SFT, "reward_model": RewardModel, "grpo": GRPO, "ppo": PPO, "upo_offline": UPOOffline}
     if stage not in algorithms:
         from megatron_ernie.errors import ConfigError
 

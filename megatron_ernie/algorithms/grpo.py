@@ -49,12 +49,14 @@ class GRPO(Algorithm):
 
     def build_source(self, run):
         from megatron_ernie.rl.dynamic_sampling import DynamicSampling
+        from megatron_ernie.rl.evaluate import HeldOut
         from megatron_ernie.rl.setup import build_rollout_source
 
         self.run = run
         minis = self.policy.mini_batches
         policy_step.check_micro_batch(run, minis)
         source = build_rollout_source(run, mini_batches=minis)
+        self.held_out = HeldOut.build(run, source)  # rl.eval; None when unset
         g = run.cfg.rl.grpo
         if not g.dynamic_sampling:
             return source
@@ -104,4 +106,9 @@ class GRPO(Algorithm):
 
     def report_keys(self, role):
         return policy_step.report_keys(self.policy)
+
+    def evaluate(self, run):
+        from megatron_ernie.rl.evaluate import held_out_metrics
+
+        return held_out_metrics(self, run)  # rl.eval: held-out accuracy / pass@k; None when unset
 

@@ -34,6 +34,8 @@ def forward_step(data_iterator, model, *, policy, upo=None):
     batch = next(data_iterator)
     with replay_routing(model, batch.get("routed_experts")):
         logits = model(batch["tokens"], batch["position_ids"], None)  # this rank's vocab slice
+    if "pair_rows" in batch:  # offline pairs (recipe=upo_offline, or mixed into PPO's update)
+        return logits, partial(pair_loss, batch, upo, report_keys(policy, upo) if policy is not None else ())
     return logits, partial(loss, batch, policy, upo)
 
 
@@ -42,9 +44,10 @@ def loss(batch: dict, policy, upo, logits: torch.Tensor):
 
     from megatron_ernie.training.forward import token_entropy, token_logprobs
 
+    # entropy first: Megatron's vocab-parallel cross entropy rewrites fp32 logits in place (into softmax)
+    entropy = token_entropy(logits, ps.get_tensor_model_parallel_group())
     logp = token_logprobs(logits, batch["labels"])
     mask = batch["loss_mask"]
-    entropy = token_entropy(logits, ps.get_tensor_model_parallel_group())
     weights = None
     if policy.tis_cap is not None:
         weights = rl_losses.truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"], policy.tis_cap)
@@ -75,6 +78,33 @@ def _upo(batch, upo, logp, mask, reports) -> torch.Tensor:
     reports.update({"upo_loss": rep["upo_loss"], "upo_pair_accuracy": rep["pair_accuracy"],
                     "upo_reward_margin": rep["reward_margin"]})
     return upo.upo_coef * batch["upo_scale"].to(s.dtype) * s
+
+
+def pair_loss(batch: dict, upo, zero_reports: tuple[str, ...], logits: torch.Tensor):
+    """A micro-batch of offline pairs (rows 2k chosen, 2k+1 rejected): c · upo_scale · Σ DPO.
+
+    Standalone (`recipe=upo_offline`: upo_scale 1, c 1) the count is the pairs: the update's loss
+    is the mean over its pairs. Mixed into PPO (`pair_rows` 0) the count is 0 and upo_scale the
+    update's surrogate count over all its pairs, online and offline: the UPO term is then c times
+    the mean over every pair, as for online pairs alone. `zero_reports`: the policy reports such a
+    micro-batch has none of (sum 0, count 0), so that every micro-batch reports the same keys."""
+    from megatron_ernie.training.forward import token_logprobs
+
+    logp = token_logprobs(logits, batch["labels"])
+    seq = rl_losses.sequence_logprobs(logp, batch["loss_mask"])
+    ref = rl_losses.sequence_logprobs(batch["ref_logprobs"], batch["loss_mask"])
+    s, n, rep = rl_losses.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=upo.upo_beta,
+                                   kind=upo.upo_kind.value, label_smoothing=upo.upo_label_smoothing,
+                                   loss_key="upo_loss")
+    total = upo.upo_coef * batch["upo_scale"].to(s.dtype) * s
+    count = n if bool(batch["pair_rows"]) else torch.zeros((), dtype=torch.int)
+    zero = torch.zeros(2, dtype=torch.float64)
+    reports = {k: zero for k in zero_reports}
+    reports.update({"upo_loss": rep["upo_loss"], "upo_pair_accuracy": rep["pair_accuracy"],
+                    "upo_reward_margin": rep["reward_margin"], "upo_chosen_reward": rep["chosen_reward"],
+                    "upo_rejected_reward": rep["rejected_reward"]})
+    reports[LOSS_KEY] = torch.stack([total.detach().double(), count.double()])
+    return total, count, reports
 
 
 def _mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class PPO(Algorithm):
               "clip_fraction", "upo_loss", "upo/pairs")
 
     def build_tokenizer(self, cfg):
-        self.policy, self.ppo = cfg.rl.policy, cfg.rl.ppo
+        self.policy, self.ppo, self.offline = cfg.rl.policy, cfg.rl.ppo, None
         self.upo = self.ppo if self.ppo.upo_coef > 0 else None
         needs_reference = self.ppo.kl_penalty > 0 or self.policy.kl_coef > 0 or self.upo is not None
         self.roles = (Role(MAIN), Role(CRITIC, head="scalar", keep_init=(REWARD_HEAD,), init_from=self.ppo.critic_init)) \
@@ -67,7 +67,7 @@ class PPO(Algorithm):
         return sft.build_tokenizer(cfg)
 
     def states(self) -> dict:
-        return {"kl_controller": self.kl}
+        return {"kl_controller": self.kl, **({"offline_pairs": self.offline} if self.offline is not None else {})}
 
     def build_source(self, run):
         from megatron_ernie.rl.setup import build_rollout_source
@@ -79,7 +79,27 @@ class PPO(Algorithm):
             raise ConfigError(f"online UPO (rl.ppo.upo_coef > 0) keeps each pair in one micro-batch: "
                               f"train.micro_batch_size ({mbs}) and rl.rollout.samples_per_prompt "
                               f"({r.samples_per_prompt}) must be even")
-        return build_rollout_source(run, mini_batches=self.policy.mini_batches)
+        source = build_rollout_source(run, mini_batches=self.policy.mini_batches)
+        self.offline = self._offline_source(run)
+        from megatron_ernie.rl.evaluate import HeldOut
+
+        self.held_out = HeldOut.build(run, source)  # rl.eval; None when unset
+        return source
+
+    def _offline_source(self, run):
+        """Offline UPO pairs (rl.ppo.offline_pairs): a seeded, resumable stream of
+        `offline_pairs_per_step` pairs per step, whole micro-batches per rank and mini-batch."""
+        if not self.ppo.offline_pairs:
+            return None
+        from megatron_ernie.algorithms.upo_offline import pair_dataset
+        from megatron_ernie.training.algorithm import StaticSource
+
+        n, per_micro = self.ppo.offline_pairs_per_step, run.cfg.train.micro_batch_size // 2
+        if n % (run.dp_size * self.policy.mini_batches * per_micro):
+            raise ConfigError(f"rl.ppo.offline_pairs_per_step={n} must be a multiple of DP × rl.policy.mini_batches × "
+                              f"micro_batch_size/2 = {run.dp_size} × {self.policy.mini_batches} × {per_micro}")
+        return StaticSource(pair_dataset(self.ppo.offline_pairs, run.cfg, run.tokenizer), n, seed=run.cfg.train.seed + 1,
+                            dp_size=run.dp_size, dp_rank=run.dp_rank, mini_batches=self.policy.mini_batches)
 
     # --- before the updates ---
     def prepare(self, batch, run):
@@ -105,7 +125,18 @@ class PPO(Algorithm):
         if old is not None:  # the last pipeline stage: the loss inputs live there
             self._loss_inputs(batch, old, ref, values, micro, run)
         self._update_kl(run)
+        self._offline_micro = self._offline_pairs(run)
         return batch
+
+    def _offline_pairs(self, run) -> list[dict]:
+        if self.offline is None:
+            return []
+        from megatron_ernie.algorithms.upo_offline import pair_microbatches
+
+        pairs = self.offline.next_batch(run.step)
+        run.metrics["upo/offline_pairs"] = float(self.ppo.offline_pairs_per_step)
+        return pair_microbatches(pairs, run, REFERENCE, pairs=run.cfg.train.micro_batch_size // 2, scale=0.0,
+                                 count_pairs=False)
 
     def _loss_inputs(self, batch, old, ref, values, micro, run) -> None:
         masks = torch.cat([m["loss_mask"] for m in micro])
@@ -159,24 +190,31 @@ class PPO(Algorithm):
     def updates(self, batch, run) -> list[Update]:
         c = run.cfg
         mbs, seq = c.train.micro_batch_size, c.data.seq_length
+        offline = getattr(self, "_offline_micro", [])
+        per = len(offline) // self.policy.mini_batches
         parts = []
-        for part in policy_step.mini_batches(batch, self.policy.mini_batches, mbs):
-            scale = self._upo_scale([e for m in part for e in m], run) if self.upo is not None else 0.0
-            parts.append([self.microbatch(m, scale) for m in part])
+        for k, part in enumerate(policy_step.mini_batches(batch, self.policy.mini_batches, mbs)):
+            pairs = offline[k * per:(k + 1) * per]  # this mini-batch's offline pairs, beside its online ones
+            scale = self._upo_scale([e for m in part for e in m], sum(len(m["tokens"]) // 2 for m in pairs), run) \
+                if self.upo is not None else 0.0
+            for m in pairs:
+                m["upo_scale"] = torch.tensor(scale, dtype=torch.float64)
+            parts.append(([self.microbatch(m, scale) for m in part], pairs))
         train_policy = run.step > self.ppo.critic_warmup_steps
         out = []
         for _ in range(self.policy.epochs):
-            for micro in parts:
+            for micro, pairs in parts:
                 if train_policy:
-                    out.append(Update(MAIN, micro, mbs, seq))
+                    out.append(Update(MAIN, micro + pairs, mbs, seq))
                 out.append(Update(CRITIC, micro, mbs, seq))
         return out
 
-    def _upo_scale(self, part, run) -> float:
-        """The update's surrogate count (tokens or sequences, every DP rank) over its pairs."""
+    def _upo_scale(self, part, offline_pairs: int, run) -> float:
+        """The update's surrogate count (tokens or sequences, every DP rank) over its pairs, online
+        and offline."""
         lengths = [len(e.response_ids) for e in part]
         count = sum(lengths) if self.policy.aggregation == "token-mean" else sum(n > 0 for n in lengths)
-        pairs = sum(e.extra.get("upo") == "chosen" for e in part)
+        pairs = sum(e.extra.get("upo") == "chosen" for e in part) + offline_pairs
         total_count, total_pairs = policy_step.dp_sums([float(count), float(pairs)], run)
         return total_count / total_pairs if total_pairs else 0.0
 
@@ -189,6 +227,11 @@ class PPO(Algorithm):
         if role == CRITIC:
             return VALUE_REPORTS
         return policy_step.report_keys(self.policy, self.upo)
+
+    def evaluate(self, run):
+        from megatron_ernie.rl.evaluate import held_out_metrics
+
+        return held_out_metrics(self, run)  # rl.eval: held-out accuracy / pass@k; None when unset
 
     def step_metrics(self, row: dict) -> dict:
         """Explained variance from the critic's reported sums."""

@@ -38,13 +38,16 @@ def _sharded_keys(value) -> list[str]:
     return [value.key] if isinstance(value, (ShardedTensor, ShardedTensorFactory)) else []
 
 
-def load_model_checkpoint(model, ckpt_dir: str | Path, keep_init: tuple[str, ...] = ()) -> None:
+def load_model_checkpoint(model, ckpt_dir: str | Path, keep_init: tuple[str, ...] = (), role: str | None = None) -> None:
     """Fill this rank's part of `model` from a Megatron checkpoint written at any layout.
 
     `keep_init`: parameter names left as initialised when the checkpoint lacks them (a reward
-    head on a language model's checkpoint); anything else missing is an error."""
+    head on a language model's checkpoint); anything else missing is an error. `role`: a training
+    checkpoint's other role (e.g. PPO's "critic", stored under "critic/") when it holds one; else
+    the checkpoint's main model."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     ckpt_dir = Path(ckpt_dir)
@@ -52,7 +55,10 @@ def load_model_checkpoint(model, ckpt_dir: str | Path, keep_init: tuple[str, ...
     objects = {k for k, v in ck.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
     module = unwrap_model(model)
     request, skipped = {}, []
-    for name, value in model_sharded_state_dict(module).items():
+    sharded = model_sharded_state_dict(module)
+    if role and any(k.startswith(f"{role}/") for k in ck.tensors):
+        add_prefix_for_sharding(sharded, f"{role}/")
+    for name, value in sharded.items():
         if isinstance(value, ShardedObject) and value.unique_key not in objects:
             skipped.append(name)  # extra state the writer did not store (weights-only checkpoint)
             continue

@@ -182,3 +182,65 @@ def collate_pairs(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     tokens = torch.cat([item["tokens"] for item in items])
     return {"tokens": tokens, "end_index": torch.cat([item["end_index"] for item in items]),
             "position_ids": torch.arange(tokens.shape[1], dtype=torch.long).expand(tokens.shape[0], -1).contiguous()}
+
+
+class PolicyPairDataset(torch.utils.data.Dataset):
+    """Pairs as a policy trains on them (offline UPO / DPO): per pair two rows — chosen, rejected —
+    of next-token inputs, labels and the loss mask of the response's tokens, the prompt rendered
+    as a rollout renders it (a response without reasoning gets the masked empty think block, as
+    the non-thinking mode's prompt ends with it). Errors name the file and line."""
+
+    def __init__(self, path_or_paths, tokenizer, seq_length: int, *, overlong: str = "truncate",
+                 empty_think: bool = True):
+        if overlong not in ("truncate", "drop"):
+            raise ConfigError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+        self.seq_length = seq_length
+        self.rows: list[tuple[tuple[list[int], list[int]], ...]] = []
+        self.stats = dict(pairs=0, truncated=0, dropped_overlong=0)
+        for pair in load_pairs(path_or_paths):
+            try:
+                rendered = [render_messages([*pair.messages, r], tokenizer, empty_think=empty_think,
+                                            loss_on="last_assistant") for r in (pair.chosen, pair.rejected)]
+            except ChatFormatError as e:
+                raise DataError(f"{pair.source}: {e}") from None
+            # seq_length inputs predict seq_length + 1 tokens; truncation keeps the end (the response)
+            kept = [(r.input_ids, r.loss_mask) if len(r) <= seq_length + 1 or overlong == "truncate" else None
+                    for r in rendered]
+            if any(k is None for k in kept):
+                self.stats["dropped_overlong"] += 1
+                continue
+            self.stats["truncated"] += int(any(len(r) > seq_length + 1 for r in rendered))
+            kept = [(ids[-(seq_length + 1):], mask[-(seq_length + 1):]) for ids, mask in kept]
+            if not all(sum(mask[1:]) for _, mask in kept):
+                raise DataError(f"{pair.source}: a response has no trained token (empty, or cut by seq_length="
+                                f"{seq_length})")
+            self.rows.append(tuple(kept))
+        self.stats["pairs"] = len(self.rows)
+        if not self.rows:
+            raise DataError(f"{path_or_paths}: every pair is longer than seq_length={seq_length} (overlong=drop)")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return collate_policy_rows(self.rows[i], self.seq_length)
+
+
+def collate_policy_rows(rows: Sequence[tuple[list[int], list[int]]], seq_length: int) -> dict[str, torch.Tensor]:
+    """[n, seq_length] inputs = ids[:-1], labels = ids[1:], loss mask = the token mask of the labels."""
+    n = len(rows)
+    tokens = torch.full((n, seq_length), PAD_ID, dtype=torch.long)
+    labels = torch.full((n, seq_length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(n, seq_length)
+    for i, (ids, token_mask) in enumerate(rows):
+        k = len(ids) - 1
+        tokens[i, :k] = torch.tensor(ids[:-1])
+        labels[i, :k] = torch.tensor(ids[1:])
+        mask[i, :k] = torch.tensor(token_mask[1:], dtype=torch.float32)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask,
+            "position_ids": torch.arange(seq_length).expand(n, -1).contiguous()}
+
+
+def stack_rows(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Items of collated rows (each [2, s]: a pair) as one micro-batch: rows 2k, 2k+1 = pair k."""
+    return {k: torch.cat([item[k] for item in items]) for k in items[0]}

@@ -65,10 +65,22 @@ class RawSample:
     thinking: bool | None = None
 
 
+BUNDLED_SCHEME = "bundled:"
+
+
+def data_path(path: str | Path) -> Path:
+    """A data file; `bundled:NAME` names a file shipped in megatron_ernie/data/bundled (works
+    from any directory and from an installed package)."""
+    text = str(path)
+    if text.startswith(BUNDLED_SCHEME):
+        return Path(str(resources.files("megatron_ernie.data.bundled").joinpath(text[len(BUNDLED_SCHEME):])))
+    return Path(path)
+
+
 def _as_paths(path_or_paths) -> list[Path]:
     if isinstance(path_or_paths, (str, Path)):
-        return [Path(path_or_paths)]
-    return [Path(p) for p in path_or_paths]
+        return [data_path(path_or_paths)]
+    return [data_path(p) for p in path_or_paths]
 
 
 def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:

@@ -105,7 +105,10 @@ def _prefilter_args(argv):
                                 description="Drop prompts the current model always or never solves.")
     p.add_argument("--rewards", required=True, help="router config YAML scoring the sampled responses")
     p.add_argument("--prompts", required=True, type=Path)
-    p.add_argument("--model", required=True, help="the current policy, an HF model directory")
+    p.add_argument("--model", required=True, help="the current policy: an HF model directory, or a Megatron "
+                   "checkpoint / training run (sampled with the in-process engine, prompts rendered as in RL)")
+    p.add_argument("--no-thinking", dest="thinking", action="store_false", default=None,
+                   help="engine sampling: prompts end with an empty think block (non-thinking mode)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's; 'demo': bundled)")
     p.add_argument("--out", required=True, type=Path, help="kept prompts, JSONL with pass_rate")
     p.add_argument("--k", type=int, default=8, help="responses per prompt")
@@ -120,18 +123,16 @@ def _prefilter_args(argv):
 
 
 def prefilter_main(argv=None) -> int:
-    from megatron_ernie.rewards.filters import backend_sampler, prefilter_prompts
-    from megatron_ernie.rewards.generation import HFGenerationBackend
+    from megatron_ernie.rewards.filters import prefilter_prompts
 
     args = _prefilter_args(argv)
     try:
         records = read_records(args.prompts, need_response=False)
         router = load_router(args.rewards)
-        backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
+        sampler = _sampler(args)
     except (UserError, OSError, ValueError) as e:  # the model: a missing directory, an unusable config
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sampler = backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     scorer = lambda samples: [r.reward for r in router.score(samples)]  # noqa: E731 - combined rewards
     result = prefilter_prompts([to_sample(r) for r in records], sampler, scorer, k=args.k, low=args.low,
                                high=args.high, pass_threshold=args.pass_threshold, batch_size=args.batch_size,
@@ -140,6 +141,23 @@ def prefilter_main(argv=None) -> int:
     write_summary(args.out, summary, result.pass_rates, args)
     print(json.dumps({k: v for k, v in summary.items() if k != "pass_rate_histogram"}))
     return 0
+
+
+def _sampler(args):
+    """An HF directory samples through transformers (its chat template); a Megatron checkpoint or
+    run through the in-process rollout engine (rl/cli.engine_sampler), before a stage starts from it."""
+    from megatron_ernie.conversion.locate import locate
+    from megatron_ernie.rewards.filters import backend_sampler
+    from megatron_ernie.rewards.generation import HFGenerationBackend
+
+    if Path(args.model).is_dir() and locate(args.model).kind == "hf":
+        backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
+        return backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               seed=args.seed)
+    from megatron_ernie.rl.cli import engine_sampler
+
+    return engine_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=args.seed, tokenizer=args.tokenizer, thinking=args.thinking)
 
 
 def _histogram(rates: list[float], k: int) -> dict[str, int]:

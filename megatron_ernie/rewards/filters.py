@@ -214,8 +214,10 @@ def _as_sample(record, index: int) -> RewardSample:
 
 
 def _output_record(record, rate: float) -> dict:
-    if isinstance(record, RewardSample):
-        out = {k: v for k, v in dataclasses.asdict(record).items() if k != "response"}
+    if isinstance(record, RewardSample):  # the input record again (a prompt file an RL stage reads)
+        fields = dataclasses.asdict(record)
+        out = {k: v for k, v in fields.items() if k not in ("response", "group", "meta") and v not in (None, "")}
+        out.update(record.meta)
     elif isinstance(record, str):
         out = {"prompt": record}
     else:

@@ -65,6 +65,7 @@ class RoutedReward:
     components: dict[str, RewardResult] = field(default_factory=dict)
     normalized: dict[str, float] = field(default_factory=dict)  # what entered the combination
     failed: list[str] = field(default_factory=list)  # sources that could not score the sample
+    raw: float = 0.0  # the same combination of the sources' raw (un-normalised) rewards
 
     def record(self) -> dict[str, Any]:
         """JSON-ready record (for rollout logs)."""
@@ -242,7 +243,10 @@ class RewardRouter:
         usable = [(w, normalized[name][i]) for name, w in route.combine
                   if not (route.mode == "fallback" and comps[name].failed)]
         reward = _combine(route.mode, usable) if usable else 0.0
-        return RoutedReward(reward, route.label, comps, {n: normalized[n][i] for n in comps}, failed)
+        raw = [(w, 0.0 if comps[name].failed else comps[name].reward) for name, w in route.combine
+               if not (route.mode == "fallback" and comps[name].failed)]
+        return RoutedReward(reward, route.label, comps, {n: normalized[n][i] for n in comps}, failed,
+                            _combine(route.mode, raw) if raw else 0.0)
 
     def metrics(self) -> dict[str, float]:
         """Counters for the run's metrics: per source scored / failed, unrouted samples."""

@@ -40,6 +40,7 @@ class Prompt:
     tests: list | None = None
     checklist: list | None = None
     uid: str = ""
+    where: str = ""  # "file:line" it was read from (load_prompts), for error messages
 
     @property
     def text(self) -> str:
@@ -49,9 +50,11 @@ class Prompt:
 def load_prompts(paths: str | Sequence[str]) -> list[Prompt]:
     """JSONL rows: {"prompt": str} or {"messages": [...]} (ending with a user turn), optional
     domain, task, reference, tests, checklist, uid. Errors name the file and line."""
+    from megatron_ernie.data.sft import data_path
+
     out = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        path = Path(path)
+        path = data_path(path)
         if not path.exists():
             raise DataError(f"{path}: prompt file not found")
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -80,12 +83,13 @@ def _prompt(row: Any, where: str) -> Prompt:
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         raise DataError(f"{where}: needs a non-empty 'prompt' string or 'messages'")
-    known = {"prompt", "messages", "domain", "task", "reference", "tests", "checklist", "uid"}
+    # pass_rate: what megatron-ernie-prefilter adds to the prompts it keeps (its output is a prompt file)
+    known = {"prompt", "messages", "domain", "task", "reference", "tests", "checklist", "uid", "pass_rate"}
     extra = sorted(set(row) - known)
     if extra:
         raise DataError(f"{where}: unknown keys {extra}")
     return Prompt(messages, str(row.get("domain", "general")), str(row.get("task", "default")),
-                  row.get("reference"), row.get("tests"), row.get("checklist"), str(row.get("uid", "")))
+                  row.get("reference"), row.get("tests"), row.get("checklist"), str(row.get("uid", "")), where)
 
 
 @dataclass
@@ -216,7 +220,8 @@ class RolloutSource:
         t_score = time.perf_counter()
         self._score(experiences, [p for _, _, p in meta])
         now = time.perf_counter()
-        self.last_metrics = {**self._metrics(experiences, t_gen, now - t0), "rollout/reward_s": now - t_score}
+        self.last_metrics = {**self._metrics(experiences, t_gen, now - t0), "rollout/reward_s": now - t_score,
+                             **getattr(self, "_domains", {})}
         return experiences
 
     def after_update(self, step: int, run) -> None:
@@ -257,6 +262,7 @@ class RolloutSource:
                                 tests=tests, checklist=cl, group=str(g), uid=f"{g}/{s}")
                    for g, s, t, r, d, k, ref, tests, cl in everyone]
         scored = self.router.score(samples)
+        self._domains = _domain_metrics(samples, scored)  # the global batch: the same on every rank
         by_uid = {s.uid: r for s, r in zip(samples, scored)}
         for e in experiences:
             routed = by_uid[f"{e.group}/{e.sample}"]
@@ -276,6 +282,18 @@ class RolloutSource:
                 "rollout/reward_failures": float(n[5]),
                 "rollout/generate_s": t_gen, "rollout/tokens_per_s": float(n[1]) / max(t_gen, 1e-9),
                 "rollout/time_s": t_all}
+
+
+def _domain_metrics(samples, scored, correct: float = 1.0 - 1e-6) -> dict[str, float]:
+    """Per domain: the mean raw (un-normalised) reward and the share fully correct (raw ≥ 1)."""
+    by: dict[str, list[float]] = {}
+    for s, r in zip(samples, scored):
+        by.setdefault(s.domain, []).append(r.raw)
+    out = {}
+    for domain, raws in sorted(by.items()):
+        out[f"rollout/{domain}/reward_raw"] = sum(raws) / len(raws)
+        out[f"rollout/{domain}/accuracy"] = sum(x >= correct for x in raws) / len(raws)
+    return out
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -79,10 +79,20 @@ def build_router(run):
 
     from megatron_ernie.rewards.router import RewardRouter
 
-    path = Path(run.cfg.rl.rewards)
+    return RewardRouter.from_config(yaml.safe_load(rewards_path(run.cfg.rl.rewards).read_text()))
+
+
+def rewards_path(spec: str) -> Path:
+    """A reward router YAML: as given, else relative to the repository (`recipes/rewards/...`
+    from any working directory)."""
+    from megatron_ernie.training.config import recipes_dir
+
+    path = Path(spec)
+    if not path.exists() and not path.is_absolute() and (recipes_dir().parent / path).exists():
+        path = recipes_dir().parent / path
     if not path.exists():
-        raise ConfigError(f"rl.rewards={path}: file not found")
-    return RewardRouter.from_config(yaml.safe_load(path.read_text()))
+        raise ConfigError(f"rl.rewards={spec}: file not found")
+    return path
 
 
 def build_rollout_source(run, policy_role: str = "policy", mini_batches: int = 1):
@@ -101,8 +111,13 @@ def build_rollout_source(run, policy_role: str = "policy", mini_batches: int = 1
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, return_routed_experts=routed)
     tokenizer = run.tokenizer
+    prompts, router = load_prompts([p.strip() for p in r.prompts.split(",")]), build_router(run)
+    if router is not None:  # a prompt no route scores is refused now, not trained on with reward 0
+        from megatron_ernie.rl.evaluate import check_routes
+
+        check_routes(prompts, router)
     return RolloutSource(
-        load_prompts([p.strip() for p in r.prompts.split(",")]), build_engine(run), build_router(run),
+        prompts, build_engine(run), router,
         render=lambda messages: prompt_ids(messages, tokenizer, thinking=r.thinking),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, sampling=sampling,

@@ -25,6 +25,7 @@ class Stage(str, Enum):
     reward_model = "reward_model"
     grpo = "grpo"
     ppo = "ppo"
+    upo_offline = "upo_offline"
 
 
 class Decay(str, Enum):
@@ -108,6 +109,7 @@ class TrainCfg:
     micro_batch_size: int = 1
     seed: int = 1234
     eval_interval: int = 0  # stages with an evaluation: every N steps (0: only at the end)
+    eval_at_start: bool = False  # also before the first step (the baseline), on a fresh start
 
 
 @dataclass
@@ -204,6 +206,22 @@ class PPOCfg:
     upo_kind: UPOKind = UPOKind.sigmoid
     upo_label_smoothing: float = 0.0
     upo_margin: float = 0.0
+    # offline UPO pairs mixed into the policy's updates beside the online ones (tools/build_pairs.py)
+    offline_pairs: Optional[str] = None  # pair JSONL file(s), comma separated
+    offline_pairs_per_step: int = 0  # global; split over DP ranks and mini-batches
+
+
+@dataclass
+class EvalCfg:
+    """Held-out evaluation of the policy at train.eval_interval and at the end (rl/evaluate.py):
+    greedy accuracy per domain, mean raw reward, pass@samples; scored by rl.rewards without its
+    normalisation (the training statistics are never touched)."""
+
+    prompts: Optional[str] = None  # prompt JSONL file(s), comma separated; None: no evaluation
+    samples: int = 1  # > 1: also pass@samples over seeded samples at `temperature`
+    max_new_tokens: Optional[int] = None  # None: rl.rollout.max_new_tokens
+    temperature: float = 1.0  # of the pass@k samples (accuracy is greedy)
+    threshold: float = 1.0 - 1e-6  # a response is correct when its raw combined reward >= this
 
 
 @dataclass
@@ -214,6 +232,7 @@ class RLCfg:
     policy: PolicyCfg = field(default_factory=PolicyCfg)
     grpo: GRPOCfg = field(default_factory=GRPOCfg)
     ppo: PPOCfg = field(default_factory=PPOCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
 
 @dataclass
@@ -319,8 +338,16 @@ def _check_values(cfg: RunConfig) -> None:
         ("rl.ppo.value_clip", cfg.rl.ppo.value_clip is None or cfg.rl.ppo.value_clip > 0, "must be > 0"),
         ("rl.ppo.critic_warmup_steps", cfg.rl.ppo.critic_warmup_steps >= 0, "must be >= 0"),
         ("rl.ppo.upo_coef", cfg.rl.ppo.upo_coef >= 0, "must be >= 0"),
+        ("rl.ppo.offline_pairs_per_step", cfg.rl.ppo.offline_pairs_per_step >= 0, "must be >= 0"),
+        ("rl.ppo.offline_pairs", not cfg.rl.ppo.offline_pairs or (cfg.rl.ppo.upo_coef > 0
+                                                                  and cfg.rl.ppo.offline_pairs_per_step > 0),
+         "needs rl.ppo.upo_coef > 0 and rl.ppo.offline_pairs_per_step > 0"),
         ("rl.ppo.upo_beta", cfg.rl.ppo.upo_beta > 0, "must be > 0"),
         ("rl.ppo.upo_label_smoothing", 0 <= cfg.rl.ppo.upo_label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("rl.eval.samples", cfg.rl.eval.samples >= 1, "must be >= 1"),
+        ("rl.eval.max_new_tokens", cfg.rl.eval.max_new_tokens is None or cfg.rl.eval.max_new_tokens >= 1,
+         "must be >= 1"),
+        ("rl.eval.temperature", cfg.rl.eval.temperature >= 0, "must be >= 0"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -17,7 +17,9 @@ from megatron_ernie.training.step import forward_only
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(label) per position from this TP rank's vocab-parallel logits [b, s, V/tp], fp32."""
+    """log p(label) per position from this TP rank's vocab-parallel logits [b, s, V/tp], fp32.
+    Megatron's kernel works in place: fp32 `logits` hold the softmax afterwards (read anything
+    else from them first)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = logits.float()

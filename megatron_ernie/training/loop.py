@@ -68,7 +68,7 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == DType.bf16 else torch.float32
 
 
-def _init_weights(model, init_from: str | None, args, keep_init: tuple[str, ...] = ()) -> str:
+def _init_weights(model, init_from: str | None, args, keep_init: tuple[str, ...] = (), role: str | None = None) -> str:
     from megatron_ernie.conversion.locate import locate
     from megatron_ernie.conversion.mcore_model import load_model_checkpoint
     from megatron_ernie.models.ernie.hf_adapter import load_hf_weights
@@ -79,7 +79,7 @@ def _init_weights(model, init_from: str | None, args, keep_init: tuple[str, ...]
     if start.kind == "hf":
         load_hf_weights(model, start.dir, args, keep_init=keep_init)
     else:
-        load_model_checkpoint(model, start.dir, keep_init=keep_init)
+        load_model_checkpoint(model, start.dir, keep_init=keep_init, role=role)
     return start.kind
 
 
@@ -100,8 +100,12 @@ def _build_role(role, cfg: RunConfig, args, layout):
     from megatron_ernie.training.algorithm import RoleModel
     from megatron_ernie.training.step import attach_schedule_hooks, build_optimizer, wrap_ddp
 
+    from megatron_ernie.runtime.distributed import seed_everything
+
+    seed_everything(cfg.train.seed)  # every role from the same draw: a random start is one model for all roles
     model = build_model(args, layout, dtype=_dtype(cfg), head=role.head)
-    init = _init_weights(model, role.init_from or cfg.model.init_from, args, keep_init=role.keep_init)
+    init = _init_weights(model, role.init_from or cfg.model.init_from, args, keep_init=role.keep_init,
+                         role=role.name if role.init_from else None)
     if not role.trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -190,6 +194,8 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
     result = RunResult(out_dir=out)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (is_logger and progress), desc=cfg.name)
     trainable = {name: part for name, part in run_.models.items() if part.trainable}
+    if start == 0 and cfg.train.eval_at_start:  # the baseline: where the stage starts from
+        _evaluate(algorithm, run_, 0, result, metrics, bar, cfg)
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()  # the whole iteration: batch building included
         run_.step = step
@@ -223,11 +229,7 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
         metrics.log(step, **head, tokens_per_s=sequences * cfg.data.seq_length / dt,
                     **row, **loads, **getattr(source, "last_metrics", {}), **run_.metrics, **timing)
         if _evaluation_due(cfg, step):
-            evaluation = algorithm.evaluate(run_)
-            if evaluation is not None:
-                result.evaluation[step] = evaluation
-                metrics.log(step, **evaluation)
-                bar.write(f"[{cfg.name}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
+            _evaluate(algorithm, run_, step, result, metrics, bar, cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{result.losses[step]:.4f}")
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
@@ -238,6 +240,14 @@ def run(cfg: RunConfig, algorithm, progress: bool = True) -> RunResult:
     result.curves = metrics.close(("loss", "lr", "tokens_per_s", "grad_norm", *algorithm.curves))
     result.checkpoint = result.checkpoint or manager.latest()
     return result
+
+
+def _evaluate(algorithm, run_, step: int, result, metrics, bar, cfg: RunConfig) -> None:
+    evaluation = algorithm.evaluate(run_)
+    if evaluation is not None:
+        result.evaluation[step] = evaluation
+        metrics.log(step, **evaluation)
+        bar.write(f"[{cfg.name}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
 
 
 def _evaluation_due(cfg: RunConfig, step: int) -> bool:
