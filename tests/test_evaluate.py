@@ -247,7 +247,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_prefilter_samples_a_training_checkpoint_and_writes_a_prompt_file(grpo_run):
     """The pre-filter before a stage: on a run's checkpoint (the in-process engine), its kept
     prompts are a prompt file the next stage reads."""
-    from megatron_ernie.rewards.cli import prefilter_main
+    from megatron_ernie.rl.cli import prefilter_main
 
     root, held, run_dir = grpo_run
     out = root / "kept.jsonl"

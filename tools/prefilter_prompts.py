@@ -2,7 +2,7 @@
 """Drop prompts the current model always or never solves (RL data filtering). See `--help`."""
 import sys
 
-from megatron_ernie.rewards.cli import prefilter_main
+from megatron_ernie.rl.cli import prefilter_main
 
 if __name__ == "__main__":
     sys.exit(prefilter_main())

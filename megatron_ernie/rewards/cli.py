@@ -122,14 +122,16 @@ def _prefilter_args(argv):
     return p.parse_args(argv)
 
 
-def prefilter_main(argv=None) -> int:
+def prefilter_main(argv=None, make_sampler=None) -> int:
+    """`make_sampler(args)`: the model's sampler (default: an HF directory through transformers;
+    the console script passes rl/cli's, which also samples Megatron checkpoints)."""
     from megatron_ernie.rewards.filters import prefilter_prompts
 
     args = _prefilter_args(argv)
     try:
         records = read_records(args.prompts, need_response=False)
         router = load_router(args.rewards)
-        sampler = _sampler(args)
+        sampler = (make_sampler or hf_sampler)(args)
     except (UserError, OSError, ValueError) as e:  # the model: a missing directory, an unusable config
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,21 +145,13 @@ def prefilter_main(argv=None) -> int:
     return 0
 
 
-def _sampler(args):
-    """An HF directory samples through transformers (its chat template); a Megatron checkpoint or
-    run through the in-process rollout engine (rl/cli.engine_sampler), before a stage starts from it."""
-    from megatron_ernie.conversion.locate import locate
+def hf_sampler(args):
+    """Sampling an HF directory through transformers (its chat template)."""
     from megatron_ernie.rewards.filters import backend_sampler
     from megatron_ernie.rewards.generation import HFGenerationBackend
 
-    if Path(args.model).is_dir() and locate(args.model).kind == "hf":
-        backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
-        return backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               seed=args.seed)
-    from megatron_ernie.rl.cli import engine_sampler
-
-    return engine_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=args.seed, tokenizer=args.tokenizer, thinking=args.thinking)
+    backend = HFGenerationBackend.from_pretrained(args.model, tokenizer=args.tokenizer)
+    return backend_sampler(backend, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
 
 def _histogram(rates: list[float], k: int) -> dict[str, int]:

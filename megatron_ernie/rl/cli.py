@@ -270,3 +270,19 @@ def engine_sampler(model: str, *, max_new_tokens: int, temperature: float = 1.0,
         return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     return sample
+
+
+def prefilter_main(argv=None) -> int:
+    """`megatron-ernie-prefilter` (rewards/cli.py) whose --model may also be a Megatron checkpoint or
+    run: sampled with the in-process engine, prompts rendered as the RL stage renders them."""
+    from megatron_ernie.conversion.locate import locate
+    from megatron_ernie.rewards.cli import hf_sampler
+    from megatron_ernie.rewards.cli import prefilter_main as run
+
+    def make(args):
+        if Path(args.model).is_dir() and locate(args.model).kind == "hf":
+            return hf_sampler(args)
+        return engine_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              seed=args.seed, tokenizer=args.tokenizer, thinking=args.thinking)
+
+    return run(argv, make)
