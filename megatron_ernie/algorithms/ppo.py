@@ -55,7 +55,7 @@ class PPO(Algorithm):
               "clip_fraction", "upo_loss", "upo/pairs")
 
     def build_tokenizer(self, cfg):
-        self.policy, self.ppo, self.offline = cfg.rl.policy, cfg.rl.ppo, None
+        self.policy, self.ppo, self.offline, self._offline_micro = cfg.rl.policy, cfg.rl.ppo, None, []
         self.upo = self.ppo if self.ppo.upo_coef > 0 else None
         needs_reference = self.ppo.kl_penalty > 0 or self.policy.kl_coef > 0 or self.upo is not None
         self.roles = (Role(MAIN), Role(CRITIC, head="scalar", keep_init=(REWARD_HEAD,), init_from=self.ppo.critic_init)) \
@@ -190,7 +190,7 @@ class PPO(Algorithm):
     def updates(self, batch, run) -> list[Update]:
         c = run.cfg
         mbs, seq = c.train.micro_batch_size, c.data.seq_length
-        offline = getattr(self, "_offline_micro", [])
+        offline = self._offline_micro
         per = len(offline) // self.policy.mini_batches
         parts = []
         for k, part in enumerate(policy_step.mini_batches(batch, self.policy.mini_batches, mbs)):
@@ -241,7 +241,8 @@ class PPO(Algorithm):
 
 def _pairs_first(batch: list, margin: float) -> list:
     """Per group (consecutive rows), its best and worst completion first when their rewards differ
-    by more than `margin` (marked chosen / rejected); ties keep the first sampled."""
+    by more than `margin` (marked chosen / rejected; `rl.pairs.pick_pair`: ties keep the first sampled)."""
+    from megatron_ernie.rl.pairs import pick_pair
     out, start = [], 0
     while start < len(batch):
         end = start
@@ -250,9 +251,9 @@ def _pairs_first(batch: list, margin: float) -> list:
         group = batch[start:end]
         for e in group:
             e.extra.pop("upo", None)
-        best = max(range(len(group)), key=lambda i: (group[i].reward, -i))
-        worst = min(range(len(group)), key=lambda i: (group[i].reward, i))
-        if len(group) > 1 and group[best].reward - group[worst].reward > margin:
+        picked = pick_pair(group, [e.reward for e in group], margin)
+        if picked is not None:
+            best, worst = picked
             group[best].extra["upo"], group[worst].extra["upo"] = "chosen", "rejected"
             rest = [e for i, e in enumerate(group) if i not in (best, worst)]
             group = [group[best], group[worst], *rest]

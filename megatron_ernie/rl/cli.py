@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron_ernie.errors import CheckpointError, ConfigError, UserError
 
@@ -171,13 +173,39 @@ def build_engine(kind: str, start, args, eos: tuple[int, ...], seed: int):
     return engine
 
 
-def open_model(model: str, *, tokenizer: str | None = None, thinking: bool | None = None, check=None):
-    """What evaluating or sampling a model needs before its weights load: the located model, its
-    run config, tokenizer, shape, thinking mode (the flag, else the run's rl.rollout.thinking) and
-    stop ids. `build_engine(kind, start, args, eos, seed)` then loads it."""
+@dataclass
+class OpenedModel:
+    """A model to evaluate or sample, before its weights load (`engine()` loads them)."""
+
+    start: Any  # conversion.locate.Located
+    run_cfg: dict  # the training run's config ({} for an HF dir)
+    tokenizer: Any
+    args: Any  # ErnieArgs
+    thinking: bool
+    eos: tuple[int, ...]
+    router: Any = None  # RewardRouter when prompts were checked against a reward config
+    rewards: str | None = None  # where that config came from
+
+    def chat(self):
+        """(render, decode) as the RL stage renders prompts (rl/setup.chat_io)."""
+        from megatron_ernie.rl.setup import chat_io
+
+        return chat_io(self.tokenizer, self.thinking)
+
+    def engine(self, kind: str, seed: int):
+        return build_engine(kind, self.start, self.args, self.eos, seed)
+
+
+def open_model(model: str, *, tokenizer: str | None = None, thinking: bool | None = None, prompts=None,
+               rewards: str | None = None) -> OpenedModel:
+    """Locate `model`, read its run config, tokenizer, shape, thinking mode (the flag, else the
+    run's rl.rollout.thinking) and stop ids. With `prompts`: the reward router (`rewards`, else the
+    run's rl.rewards) and the check that every prompt has a route — before the tokenizer or any
+    weights load, so that a data mistake is reported first."""
     from megatron_ernie.conversion.locate import locate
     from megatron_ernie.models.ernie import from_hf_config
     from megatron_ernie.rl.engine import hf_eos_ids
+    from megatron_ernie.rl.evaluate import check_routes, raw_router
     from megatron_ernie.rl.setup import stop_token_ids
 
     start = locate(model)
@@ -185,66 +213,64 @@ def open_model(model: str, *, tokenizer: str | None = None, thinking: bool | Non
         raise CheckpointError(f"{start.dir}: no config.json (a Megatron checkpoint needs its hf/ directory "
                               "with the model's config)")
     run_cfg = _run_config(start)
-    if check is not None:  # what can be refused from the run config alone (e.g. unrouted prompts): first
-        check(run_cfg)
+    router = source = None
+    if prompts is not None:
+        router, source = _router(rewards, run_cfg)
+        check_routes(prompts, raw_router(router))
     tok = _tokenizer(tokenizer, start, run_cfg)
     args = from_hf_config(start.config)
     if len(tok) > args.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens, the model only {args.vocab_size}")
     think = thinking if thinking is not None else _get(run_cfg, "rl.rollout.thinking") is not False
     eos = tuple(sorted(set(stop_token_ids(tok)) | set(hf_eos_ids(start.assets) if start.assets else ())))
-    return start, run_cfg, tok, args, think, eos
+    return OpenedModel(start, run_cfg, tok, args, think, eos, router, source)
 
 
-def main(argv=None) -> int:
-    from megatron_ernie.data.chat import prompt_ids
-    from megatron_ernie.rl.evaluate import check_routes, evaluate, raw_router
-    from megatron_ernie.rl.rollout import load_prompts
-    from megatron_ernie.runtime import shutdown
-    from megatron_ernie.runtime.atomic import atomic_file
-
+def guarded(body) -> int:
+    """A command's body: a UserError prints one line and gives exit code 2 (no traceback); a
+    process group the body brings up is taken down after."""
     import torch
 
-    a = _args(argv)
-    ours = not torch.distributed.is_initialized()  # a process group this call brings up is taken down after
+    from megatron_ernie.runtime import shutdown
+
+    ours = not torch.distributed.is_initialized()
     try:
-        if a.samples < 1 or a.max_new_tokens < 1 or a.batch_size < 1:
-            raise ConfigError("--samples, --max-new-tokens and --batch-size must be >= 1")
-        prompts = load_prompts([p.strip() for p in a.prompts.split(",")])
-        found = {}
-
-        def routes(run_cfg):  # before any model is loaded
-            found["router"], found["rewards"] = _router(a.rewards, run_cfg)
-            check_routes(prompts, raw_router(found["router"]))
-
-        start, run_cfg, tokenizer, args, thinking, eos = open_model(a.model, tokenizer=a.tokenizer, thinking=a.thinking,
-                                                                    check=routes)
-        router, rewards = found["router"], found["rewards"]
-        engine = build_engine(a.engine, start, args, eos, a.seed)
-        metrics = evaluate(engine, prompts, router, lambda m: prompt_ids(m, tokenizer, thinking=thinking),
-                           lambda ids: tokenizer.decode(ids, skip_special_tokens=True), samples=a.samples,
-                           max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                           seed=a.seed, threshold=a.threshold, batch_size=a.batch_size, progress=a.progress)
+        return body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if ours and torch.distributed.is_initialized():
             shutdown()
-    result = {"model": str(start.dir), "kind": start.kind, "engine": a.engine, "prompts": a.prompts,
-              "rewards": rewards, "samples": a.samples, "max_new_tokens": a.max_new_tokens,
-              "temperature": a.temperature, "threshold": a.threshold, "seed": a.seed, "thinking": thinking,
-              "metrics": metrics}
-    text = json.dumps(result, indent=1)
-    if a.out is not None:
-        with atomic_file(a.out) as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv=None) -> int:
+    from megatron_ernie.rl.evaluate import evaluate
+    from megatron_ernie.rl.rollout import load_prompts
+    from megatron_ernie.runtime.atomic import atomic_file
+
+    a = _args(argv)
+
+    def body() -> int:
+        if a.samples < 1 or a.max_new_tokens < 1 or a.batch_size < 1:
+            raise ConfigError("--samples, --max-new-tokens and --batch-size must be >= 1")
+        prompts = load_prompts([p.strip() for p in a.prompts.split(",")])
+        m = open_model(a.model, tokenizer=a.tokenizer, thinking=a.thinking, prompts=prompts, rewards=a.rewards)
+        metrics = evaluate(m.engine(a.engine, a.seed), prompts, m.router, *m.chat(), samples=a.samples,
+                           max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                           seed=a.seed, threshold=a.threshold, batch_size=a.batch_size, progress=a.progress)
+        result = {"model": str(m.start.dir), "kind": m.start.kind, "engine": a.engine, "prompts": a.prompts,
+                  "rewards": m.rewards, "samples": a.samples, "max_new_tokens": a.max_new_tokens,
+                  "temperature": a.temperature, "threshold": a.threshold, "seed": a.seed, "thinking": m.thinking,
+                  "metrics": metrics}
+        text = json.dumps(result, indent=1)
+        if a.out is not None:
+            with atomic_file(a.out) as f:
+                f.write(text + "\n")
+        print(text)
+        return 0
+
+    return guarded(body)
 
 
 def engine_sampler(model: str, *, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
@@ -252,21 +278,20 @@ def engine_sampler(model: str, *, max_new_tokens: int, temperature: float = 1.0,
     """A prompt pre-filter's sampler (`rewards.filters.Sampler`: texts, k -> k responses each) over
     one of our rollout engines, on any model `--model` takes (HF dir, Megatron checkpoint, run):
     prompts rendered exactly as an RL stage renders them; seeded per (prompt, sample)."""
-    from megatron_ernie.data.chat import prompt_ids
     from megatron_ernie.rl.engine import SamplingParams
     from megatron_ernie.rl.rollout import completion_seed
 
-    start, _, tok, args, think, eos = open_model(model, tokenizer=tokenizer, thinking=thinking)
-    eng = build_engine(engine, start, args, eos, seed)
+    m = open_model(model, tokenizer=tokenizer, thinking=thinking)
+    eng, (render, decode) = m.engine(engine, seed), m.chat()
     seen = [0]
 
     def sample(prompts: list[str], k: int) -> list[list[str]]:
         base, seen[0] = seen[0], seen[0] + len(prompts)
-        ids = [prompt_ids([{"role": "user", "content": p}], tok, thinking=think) for p in prompts]
+        ids = [render([{"role": "user", "content": p}]) for p in prompts]
         params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=completion_seed(seed, base + i, s)) for i in range(len(prompts)) for s in range(k)]
         out = eng.generate([x for x in ids for _ in range(k)], params)
-        texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in out]
+        texts = [decode(c.token_ids) for c in out]
         return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     return sample

@@ -41,9 +41,8 @@ from typing import Callable, Sequence
 
 from megatron_ernie.errors import ConfigError, DataError
 from megatron_ernie.rl.engine import FINISH_LENGTH, SamplingParams
-from megatron_ernie.rl.rollout import Prompt, _all_gather, completion_seed
+from megatron_ernie.rl.rollout import CORRECT, Prompt, _all_gather, completion_seed
 
-CORRECT = 1.0 - 1e-6  # default threshold: a raw combined reward of 1 (up to rounding) is correct
 
 
 def raw_router(router):

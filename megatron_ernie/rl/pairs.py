@@ -45,8 +45,9 @@ def _done(partial: Path) -> dict[int, dict | None]:
     return done
 
 
-def pick_pair(responses: Sequence[str], rewards: Sequence[float], margin: float) -> tuple[int, int] | None:
-    """(best, worst) indices when best − worst > margin (ties: the first sampled); else None."""
+def pick_pair(responses: Sequence, rewards: Sequence[float], margin: float) -> tuple[int, int] | None:
+    """(best, worst) indices of a prompt's responses when best − worst > margin (ties: the first
+    sampled); else None. Online UPO (algorithms/ppo.py) picks its pairs the same way."""
     if len(responses) < 2:
         return None
     best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
@@ -127,15 +128,9 @@ def build_pairs(engine, prompts: Sequence[Prompt], router, render: Callable, dec
 
 def main(argv=None) -> int:
     import argparse
-    import sys
 
-    import torch
-
-    from megatron_ernie.data.chat import prompt_ids
-    from megatron_ernie.errors import UserError
     from megatron_ernie.rl import cli
     from megatron_ernie.rl.rollout import load_prompts
-    from megatron_ernie.runtime import shutdown
 
     p = argparse.ArgumentParser(prog="build_pairs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,25 +151,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
-    ours = not torch.distributed.is_initialized()
-    try:
-        prompts = load_prompts([x.strip() for x in a.prompts.split(",")])
-        start, run_cfg, tokenizer, args, thinking, eos = cli.open_model(a.model, tokenizer=a.tokenizer,
-                                                                        thinking=a.thinking)
-        router, _ = cli._router(a.rewards, run_cfg)
-        from megatron_ernie.rl.evaluate import check_routes, raw_router
 
-        check_routes(prompts, raw_router(router))  # before the model is loaded
-        engine = cli.build_engine(a.engine, start, args, eos, a.seed)
-        stats = build_pairs(engine, prompts, router, lambda m: prompt_ids(m, tokenizer, thinking=thinking),
-                            lambda ids: tokenizer.decode(ids, skip_special_tokens=True), a.out, samples=a.samples,
+    def body() -> int:
+        prompts = load_prompts([x.strip() for x in a.prompts.split(",")])
+        m = cli.open_model(a.model, tokenizer=a.tokenizer, thinking=a.thinking, prompts=prompts, rewards=a.rewards)
+        stats = build_pairs(m.engine(a.engine, a.seed), prompts, m.router, *m.chat(), a.out, samples=a.samples,
                             max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             margin=a.margin, seed=a.seed, batch_size=a.batch_size, progress=a.progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if ours and torch.distributed.is_initialized():
-            shutdown()
-    print(json.dumps({"out": str(a.out), **stats}))
-    return 0
+        print(json.dumps({"out": str(a.out), **stats}))
+        return 0
+
+    return cli.guarded(body)

@@ -284,7 +284,10 @@ class RolloutSource:
                 "rollout/time_s": t_all}
 
 
-def _domain_metrics(samples, scored, correct: float = 1.0 - 1e-6) -> dict[str, float]:
+CORRECT = 1.0 - 1e-6  # a raw combined reward of 1 (up to rounding): the response is correct
+
+
+def _domain_metrics(samples, scored, correct: float = CORRECT) -> dict[str, float]:
     """Per domain: the mean raw (un-normalised) reward and the share fully correct (raw ≥ 1)."""
     by: dict[str, list[float]] = {}
     for s, r in zip(samples, scored):

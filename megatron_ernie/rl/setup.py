@@ -26,6 +26,15 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def chat_io(tokenizer, thinking: bool):
+    """(render, decode): a conversation's prompt ids up to the assistant turn as RL renders it,
+    and a completion's text."""
+    from megatron_ernie.data.chat import prompt_ids
+
+    return (lambda messages: prompt_ids(messages, tokenizer, thinking=thinking),
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
 def build_engine(run):
     """The configured rollout engine for this rank (context: data.seq_length + 1 tokens)."""
     r = run.cfg.rl.rollout
@@ -98,7 +107,6 @@ def rewards_path(spec: str) -> Path:
 def build_rollout_source(run, policy_role: str = "policy", mini_batches: int = 1):
     from megatron.core import parallel_state as ps
 
-    from megatron_ernie.data.chat import prompt_ids
     from megatron_ernie.rl.rollout import RolloutSource, load_prompts
 
     cfg, r = run.cfg, run.cfg.rl.rollout
@@ -110,7 +118,7 @@ def build_rollout_source(run, policy_role: str = "policy", mini_batches: int = 1
     routed = run.args.is_moe and (replay or r.engine.value != "vllm")
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, return_routed_experts=routed)
-    tokenizer = run.tokenizer
+    render, decode = chat_io(run.tokenizer, r.thinking)
     prompts, router = load_prompts([p.strip() for p in r.prompts.split(",")]), build_router(run)
     if router is not None:  # a prompt no route scores is refused now, not trained on with reward 0
         from megatron_ernie.rl.evaluate import check_routes
@@ -118,8 +126,7 @@ def build_rollout_source(run, policy_role: str = "policy", mini_batches: int = 1
         check_routes(prompts, router)
     return RolloutSource(
         prompts, build_engine(run), router,
-        render=lambda messages: prompt_ids(messages, tokenizer, thinking=r.thinking),
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        render=render, decode=decode,
         prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, sampling=sampling,
         seed=cfg.train.seed, dp_size=run.dp_size, dp_rank=run.dp_rank,
         dp_group=ps.get_data_parallel_group() if run.dp_size > 1 else None,
